@@ -1,0 +1,148 @@
+"""Residual blocks of FaceNN: the ConvNeXt block, the MobileNetV2 inverted bottleneck, a ResNet
+bottleneck.
+
+Every layer is built with its channel counts, so parameter counts and the optimiser see the whole
+block at construction. 1x1 convolutions of the ConvNeXt block run as `nn.Linear` on the
+channels-last view of the tensor (as torchvision's ConvNeXt does): with a `channels_last` input
+the permutes are free and the projections become plain matrix multiplies.
+"""
+
+import torch
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+NORM_POSITIONS = ("after_dwconv", "before_dwconv", "after_expand")
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (the original ConvNeXt's norm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def norm_2d(kind: str, channels: int) -> nn.Module:
+    """The norm layer named by `kind` for an NCHW tensor of `channels` channels."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return LayerNorm2d(channels, eps=1e-6)
+    raise ValueError(f"norm must be 'batch' or 'layer', got {kind!r}")
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise kxk conv -> norm -> 1x1 expand -> GELU -> 1x1 project, plus the input.
+
+    BatchNorm by default (the seed's variation on ConvNeXt); `norm="layer"` gives the original
+    channel LayerNorm. `norm_position` moves the norm: after the depthwise conv (the default, as
+    ConvNeXt), before it, or after the expanding 1x1 (before the GELU). Layer-scale and
+    stochastic depth (drop-path) are off by default, as in the seed.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        expansion: int = 4,
+        kernel_size: int = 7,
+        norm: str = "batch",
+        norm_position: str = "after_dwconv",
+        layer_scale: float | None = None,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        if norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
+        hidden = expansion * channels
+        self.norm_position = norm_position
+        self.dwconv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.norm = norm_2d(norm, hidden if norm_position == "after_expand" else channels)
+        self.expand = nn.Linear(channels, hidden)
+        self.act = nn.GELU()
+        self.project = nn.Linear(hidden, channels)
+        self.layer_scale = nn.Parameter(torch.full((channels,), layer_scale)) if layer_scale else None
+        self.drop_path = StochasticDepth(drop_path, "row")
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch alone; `forward` adds the input to it."""
+        if self.norm_position == "before_dwconv":
+            x = self.norm(x)
+        x = self.dwconv(x)
+        if self.norm_position == "after_dwconv":
+            x = self.norm(x)
+        x = self.expand(x.permute(0, 2, 3, 1))  # NHWC: the 1x1 convs are matmuls over channels
+        if self.norm_position == "after_expand":
+            x = self.norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = self.project(self.act(x))
+        if self.layer_scale is not None:
+            x = x * self.layer_scale
+        return x.permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.branch(x))
+
+
+class InvertedBottleneck(nn.Module):
+    """MobileNetV2 block: 1x1 expand -> act -> BN -> depthwise kxk (stride) -> act -> BN -> 1x1
+    project -> BN.
+
+    The seed puts each BN after its activation; that order is kept. The residual is added only
+    when the shapes allow it (stride 1 and in == out); `residual=None` decides by itself, and
+    asking for one that cannot exist is an error. With stride 2 and out = 2 * in it downsamples
+    between the stages of FaceNN.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        expansion: int = 6,
+        kernel_size: int = 3,
+        residual: bool | None = None,
+        activation: type[nn.Module] = nn.ReLU6,
+    ):
+        super().__init__()
+        can_add = stride == 1 and in_channels == out_channels
+        if residual and not can_add:
+            raise ValueError(
+                f"a residual needs stride 1 and in == out channels, got stride {stride}, "
+                f"{in_channels} -> {out_channels}"
+            )
+        self.residual = can_add if residual is None else residual
+        hidden = expansion * in_channels
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1),
+            activation(),
+            nn.BatchNorm2d(hidden),
+            nn.Conv2d(hidden, hidden, kernel_size, stride, padding=kernel_size // 2, groups=hidden),
+            activation(),
+            nn.BatchNorm2d(hidden),
+            nn.Conv2d(hidden, out_channels, 1),
+            nn.BatchNorm2d(out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layers(x) if self.residual else self.layers(x)
+
+
+class ClassicBottleneck(nn.Module):
+    """ResNet bottleneck: 1x1 reduce -> BN -> ReLU -> kxk -> BN -> ReLU -> 1x1 expand -> BN, plus
+    the input, then ReLU. Kept for comparison with the ConvNeXt block."""
+
+    def __init__(self, channels: int, reduction: int = 4, kernel_size: int = 3):
+        super().__init__()
+        hidden = channels // reduction
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.layers(x))

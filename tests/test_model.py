@@ -1,0 +1,159 @@
+"""The blocks and FaceNN: shapes, residual identity, parameter counts, gradients, determinism."""
+
+import pytest
+import torch
+from torch import nn
+
+from architecture import FaceNN, count_parameters, summary
+from residual_blocks import ClassicBottleneck, ConvNeXtBlock, InvertedBottleneck
+
+TINY = dict(widths=(8, 16, 24, 32), depths=(1, 1, 2, 1))
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+@pytest.mark.parametrize("position", ["after_dwconv", "before_dwconv", "after_expand"])
+@pytest.mark.parametrize("size", [7, 13, 16])
+def test_convnext_block_keeps_shape(norm, position, size):
+    block = ConvNeXtBlock(12, norm=norm, norm_position=position)
+    assert block(torch.randn(2, 12, size, size)).shape == (2, 12, size, size)
+
+
+@pytest.mark.parametrize("size, out_size", [(13, 7), (14, 7), (7, 4), (56, 28)])
+def test_inverted_bottleneck_stride_2_downsamples_odd_and_even(size, out_size):
+    block = InvertedBottleneck(8, 16, stride=2)
+    assert not block.residual
+    assert block(torch.randn(2, 8, size, size)).shape == (2, 16, out_size, out_size)
+
+
+def test_inverted_bottleneck_residual_only_when_shapes_allow():
+    assert InvertedBottleneck(8, 8).residual
+    assert not InvertedBottleneck(8, 16).residual
+    assert not InvertedBottleneck(8, 8, residual=False).residual
+    with pytest.raises(ValueError, match="stride 1 and in == out"):
+        InvertedBottleneck(8, 8, stride=2, residual=True)
+    with pytest.raises(ValueError, match="stride 1 and in == out"):
+        InvertedBottleneck(8, 16, residual=True)
+
+
+def _zero_last(module: nn.Module):
+    """Zero the weights of a block's last layer, so its residual branch outputs a constant."""
+    last = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+
+
+@pytest.mark.parametrize(
+    "block", [ConvNeXtBlock(12), ConvNeXtBlock(12, norm="layer"), InvertedBottleneck(12, 12)]
+)
+def test_residual_block_is_identity_when_branch_is_zero(block):
+    x = torch.randn(2, 12, 9, 9)
+    block.train()
+    out_with_branch = block(x)
+    assert not torch.allclose(out_with_branch, x)
+    _zero_last(block)
+    torch.testing.assert_close(block(x), x)
+
+
+def test_convnext_block_equals_branch_plus_input():
+    block = ConvNeXtBlock(12, layer_scale=0.5).eval()
+    x = torch.randn(2, 12, 9, 9)
+    torch.testing.assert_close(block(x), x + block.branch(x))
+    assert block.branch(x).abs().mean() > 1e-3
+
+
+def test_classic_bottleneck_is_relu_of_input_when_branch_is_zero():
+    block = ClassicBottleneck(16)
+    x = torch.randn(2, 16, 9, 9)
+    assert block(x).shape == x.shape
+    _zero_last(block)
+    torch.testing.assert_close(block(x), torch.relu(x))
+
+
+def test_drop_path_drops_whole_branches_in_training_only():
+    block = ConvNeXtBlock(8, drop_path=0.999)
+    x = torch.randn(4, 8, 5, 5)
+    torch.testing.assert_close(block.train()(x), x)  # all rows dropped (p ~ 1)
+    assert not torch.allclose(block.eval()(x), x)
+
+
+@pytest.mark.parametrize(
+    "stem, head_layers, expected",
+    [("classic", 2, 19_575_801), ("patchify", 2, 19_567_881), ("classic", 1, 19_165_561), ("patchify", 1, 19_157_641)],
+)
+def test_parameter_counts_match_the_seed(stem, head_layers, expected):
+    model = FaceNN(stem=stem, head_layers=head_layers)
+    total = count_parameters(model)
+    assert total == expected
+    assert 19_000_000 <= total < 20_000_000
+
+
+def test_parameter_counts_per_part_match_the_seed():
+    model = FaceNN()
+    assert count_parameters(model.stem) == 12_000
+    assert count_parameters(model.body) == 14_665_920
+    assert count_parameters(model.head) == 4_897_881
+
+
+def test_no_lazy_modules():
+    model = FaceNN(num_classes=10, **TINY)
+    assert not any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+
+
+@pytest.mark.parametrize("stem", ["classic", "patchify"])
+def test_tiny_facenn_forward_backward_gives_every_parameter_a_gradient(stem):
+    model = FaceNN(num_classes=10, stem=stem, **TINY)
+    x = torch.randn(4, 3, 64, 64)
+    logits = model(x)
+    assert logits.shape == (4, 10)
+    nn.functional.cross_entropy(logits, torch.arange(4)).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_forward_features_is_the_pooled_embedding():
+    model = FaceNN(num_classes=10, **TINY).eval()
+    x = torch.randn(3, 3, 64, 64)
+    features = model.forward_features(x)
+    assert features.shape == (3, 32)
+    torch.testing.assert_close(model.head.classifier(features), model(x))
+
+
+def test_eval_mode_is_deterministic():
+    model = FaceNN(num_classes=10, **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+def test_channels_last_gives_the_same_output_as_nchw():
+    model = FaceNN(num_classes=10, **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    model = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_minimum_input_size_reaches_the_head():
+    model = FaceNN(num_classes=10, **TINY).eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="stem"):
+        FaceNN(stem="vit")
+    with pytest.raises(ValueError, match="head layers"):
+        FaceNN(head_layers=3)
+    with pytest.raises(ValueError, match="norm must be"):
+        ConvNeXtBlock(8, norm="group")
+    with pytest.raises(ValueError, match="norm_position"):
+        ConvNeXtBlock(8, norm_position="end")
+
+
+def test_summary_lists_parts_and_total():
+    text = summary(FaceNN(num_classes=10, **TINY), image_size=64)
+    assert "stem" in text and "body" in text and "head" in text
+    assert "32x2x2" in text  # body output at 64 px: downsampled by 32
