@@ -102,10 +102,6 @@ class FaceNN(nn.Module):
         self.stem = Stem(widths[0], stem)
         self.body = Body(widths, depths, drop_path, norm=norm, norm_position=norm_position, layer_scale=layer_scale)
         self.head = Head(widths[-1], num_classes, head_layers)
-        for m in self.modules():  # ConvNeXt's initialisation
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.pool(self.body(self.stem(x)))
