@@ -1,0 +1,307 @@
+"""Files to tensors: the Kaggle face images as a LightningDataModule.
+
+Layout (Kaggle 11-785-f23-hw2p2-classification, and what synthetic_faces.py writes):
+    DIR/train/<identity>/*.jpg   labelled; the sorted identity names define the class indices
+    DIR/dev/<identity>/*.jpg     labelled by the same indices, matched by folder name
+    DIR/test/*.jpg               unlabelled (flat, or one level of subfolders)
+
+Problems with the data are a DataError: one line naming the path and what was expected.
+Run `python data.py stats DIR/train` to measure the normalisation mean/std of another data set.
+"""
+
+import os
+import warnings
+from itertools import chain
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default_collate
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+KAGGLE_MEAN = (0.5103, 0.4014, 0.3509)
+KAGGLE_STD = (0.2708, 0.2363, 0.2226)
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+# What PIL raises for a file it cannot decode: OSError covers UnidentifiedImageError (not an
+# image, zero bytes) and "image file is truncated"; plugins raise SyntaxError and ValueError.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
+class DataError(Exception):
+    """A problem with the user's data, told in one line naming the path and what was expected.
+
+    The scripts print it as `error: <message>` rather than a traceback. A DataLoader worker
+    re-raises it with the worker's traceback in front of that line; str() keeps only the line.
+    """
+
+    def __str__(self) -> str:
+        return super().__str__().rstrip().rpartition("DataError: ")[2]
+
+
+def _compose(augmentation: list, mean, std, image_size: int | None) -> v2.Compose:
+    # Resize first, so augmentation runs on the small image.
+    resize = [v2.Resize((image_size, image_size))] if image_size else []
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(resize + augmentation + to_tensor)
+
+
+def train_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None) -> v2.Compose:
+    """The seed's augmentation, then a normalised float32 CHW tensor."""
+    augmentation = [v2.RandomRotation(30), v2.RandomHorizontalFlip(), v2.ColorJitter(0.2, 0.2, 0.2, 0.2)]
+    return _compose(augmentation, mean, std, image_size)
+
+
+def eval_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None) -> v2.Compose:
+    """A normalised float32 CHW tensor, the same every time."""
+    return _compose([], mean, std, image_size)
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode a whole image as RGB (grayscale, RGBA, palette and CMYK files all convert).
+
+    The full decode happens here, so a corrupt or truncated file fails in this call with one of
+    DECODE_ERRORS; truncated files are never padded with grey (LOAD_TRUNCATED_IMAGES stays off).
+    """
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def identity_folders(split_dir: Path) -> list[str]:
+    """Sorted identity folder names of a split; hidden folders (.ipynb_checkpoints) are not identities."""
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: directory not found (expected {split_dir}/<identity>/*.jpg)")
+    names = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and entry.name[0] != ".")
+    if not names:
+        raise DataError(f"{split_dir}: no identity folders (expected {split_dir}/<identity>/*.jpg)")
+    return names
+
+
+class FaceFolder(ImageFolder):
+    """One labelled split whose class indices come from `classes` (the train identities), not from
+    its own folders: labels are looked up by folder name, so a dev split lacking some identities
+    keeps the train indices, and folders not in `classes` are left out.
+
+    Unreadable images (corrupt, truncated, empty, not an image) are found lazily rather than by a
+    decode pass at start-up, which would cost minutes on the 140k real files: __getitem__ warns
+    once per file, adds it to `skipped` and returns the next readable sample instead, so an epoch
+    never stops on a bad file. With worker processes each worker keeps its own `skipped`.
+    """
+
+    def __init__(self, root, classes: list[str], transform):
+        self.classes = classes  # read by find_classes, which ImageFolder calls while scanning root
+        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
+        if not self.samples:
+            raise DataError(f"{root}: no images (expected {root}/<identity>/*.jpg)")
+        self.skipped: set[str] = set()
+
+    def find_classes(self, directory):
+        return self.classes, {name: index for index, name in enumerate(self.classes)}
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = self.loader(path)
+            except DECODE_ERRORS as error:
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    warnings.warn(f"skipping unreadable image {path}: {error}")
+                continue
+            return self.transform(image), target
+        raise DataError(f"{self.root}: none of its {len(self.samples)} images can be read (expected JPEG/PNG)")
+
+
+class TestImages(Dataset):
+    """Every image under a test directory (flat, or one level of subfolders), sorted by file name,
+    as (image tensor, file name) pairs: the file name is the submission's `id`.
+
+    An unreadable image is a DataError naming it, because the submission needs a row for every
+    image. With skip_bad=True every image is decoded up front and the unreadable ones are left
+    out and listed in `skipped`.
+    """
+
+    __test__ = False  # a dataset, not a pytest test class
+
+    def __init__(self, root, transform, skip_bad: bool = False):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: directory not found (expected test images {root}/*.jpg)")
+        files = [path for path in chain(root.glob("*"), root.glob("*/*")) if path.is_file()]
+        images = [path for path in files if has_file_allowed_extension(path.name, IMG_EXTENSIONS)]
+        paths = sorted(images, key=lambda path: path.name)
+        if not paths:
+            raise DataError(f"{root}: no images (expected {root}/*.jpg or {root}/<folder>/*.jpg)")
+        for first, second in zip(paths, paths[1:]):
+            if first.name == second.name:
+                raise DataError(f"{second}: same name as {first} (expected unique file names: they are the ids)")
+        self.skipped: list[Path] = []
+        if skip_bad:
+            for path in tqdm(paths, desc=f"checking {root}", unit="img"):
+                try:
+                    load_rgb(path)
+                except DECODE_ERRORS as error:
+                    warnings.warn(f"leaving out unreadable test image {path}: {error}")
+                    self.skipped.append(path)
+        self.paths = [path for path in paths if path not in self.skipped]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            image = load_rgb(path)
+        except DECODE_ERRORS as error:
+            raise DataError(f"{path}: unreadable image ({error}); expected every test image to be readable") from error
+        return self.transform(image), path.name
+
+
+def collate_same_size(batch):
+    """default_collate, but images of mixed sizes are a DataError rather than torch.stack's error."""
+    sizes = sorted({tuple(image.shape[-2:]) for image, _ in batch})
+    if len(sizes) > 1:
+        raise DataError(f"images of different sizes in one batch {sizes}: pass --image-size N to resize them")
+    return default_collate(batch)
+
+
+class FaceDataModule(L.LightningDataModule):
+    """The train/dev/test splits of DIR as DataLoaders; see the module docstring for the layout.
+
+    full: train on train + dev (dev when it exists; the seed's final run) with no validation.
+    subset_classes=N: keep only the first N identities (sorted), with all their images, in both
+    train and dev, for prototyping. num_workers=None: min(8, CPUs); pin_memory=None: with CUDA.
+    """
+
+    def __init__(
+        self,
+        data_dir="data",
+        batch_size: int = 256,
+        num_workers: int | None = None,
+        image_size: int | None = None,
+        subset_classes: int | None = None,
+        full: bool = False,
+        mean=KAGGLE_MEAN,
+        std=KAGGLE_STD,
+        pin_memory: bool | None = None,
+    ):
+        super().__init__()
+        data_dir = str(data_dir)  # saved as text: a Path would stop torch.load(weights_only=True) resuming
+        self.save_hyperparameters()
+        self.num_workers = DEFAULT_WORKERS if num_workers is None else num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.class_names: list[str] = []
+        self.train_dataset = self.val_dataset = self.test_dataset = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.class_names:
+            return  # already scanned: the scripts call setup before Trainer.fit calls it again
+        hp = self.hparams
+        root = Path(hp.data_dir)
+        if not root.is_dir():
+            raise DataError(f"{root}: data directory not found (expected {root}/train and {root}/dev)")
+        train_dir, dev_dir, test_dir = root / "train", root / "dev", root / "test"
+        identities = identity_folders(train_dir)
+        use_dev = not hp.full or dev_dir.is_dir()
+        if use_dev:
+            unknown = sorted(set(identity_folders(dev_dir)) - set(identities))
+            if unknown:
+                raise DataError(f"{dev_dir / unknown[0]}: identity not in {train_dir} (expected train identities)")
+        if hp.subset_classes is not None and not 1 <= hp.subset_classes <= len(identities):
+            expected = f"subset_classes from 1 to {len(identities)}, not {hp.subset_classes}"
+            raise DataError(f"{train_dir}: has {len(identities)} identities (expected {expected})")
+        class_names = identities[: hp.subset_classes]
+
+        augment = train_transform(hp.mean, hp.std, hp.image_size)
+        plain = eval_transform(hp.mean, hp.std, hp.image_size)
+        train = FaceFolder(train_dir, class_names, augment)
+        empty = sorted(set(class_names) - {class_names[target] for target in train.targets})
+        if empty:
+            raise DataError(f"{train_dir / empty[0]}: no images (expected some for every identity; {len(empty)} empty)")
+        if hp.full:
+            dev = [FaceFolder(dev_dir, class_names, augment)] if use_dev else []
+            self.train_dataset = ConcatDataset([train, *dev])
+            self.val_dataset = None
+        else:
+            self.train_dataset = train
+            self.val_dataset = FaceFolder(dev_dir, class_names, plain)
+        self.test_dataset = TestImages(test_dir, plain) if test_dir.is_dir() else None
+        self.class_names = class_names
+
+    def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_same_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self):
+        # Lightning skips validation for an empty list of loaders (full mode has no dev set).
+        return [] if self.val_dataset is None else self._loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            raise DataError(f"{Path(self.hparams.data_dir) / 'test'}: directory not found (expected test images)")
+        return self._loader(self.test_dataset)
+
+
+def compute_mean_std(train_dir, image_size: int | None = None, max_images: int | None = None, num_workers: int = 0):
+    """Per-channel pixel mean over the images, and std as the seed defined it: the mean over images
+    of each image's per-channel pixel std (torch's default, unbiased). Returns (mean, std) tuples.
+
+    max_images takes that many images evenly spaced through the sorted files, so all identities
+    are sampled rather than the first few.
+    """
+    train_dir = Path(train_dir)
+    unnormalised = eval_transform(mean=(0, 0, 0), std=(1, 1, 1), image_size=image_size)
+    images = FaceFolder(train_dir, identity_folders(train_dir), unnormalised)
+    count = len(images) if max_images is None else min(max_images, len(images))
+    indices = torch.linspace(0, len(images) - 1, count).long().tolist()
+    # One image at a time (batch_size=None): without image_size their sizes may differ.
+    loader = DataLoader(Subset(images, indices), batch_size=None, num_workers=num_workers)
+    pixel_sum, std_sum, pixel_count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for image, _ in tqdm(loader, desc=f"mean/std of {train_dir}", unit="img"):
+        pixels = image.flatten(1).double()
+        pixel_sum += pixels.sum(1)
+        std_sum += pixels.std(1)
+        pixel_count += pixels.shape[1]
+    return tuple((pixel_sum / pixel_count).tolist()), tuple((std_sum / count).tolist())
+
+
+def main(argv=None) -> int:
+    from cli import ArgumentParser, at_least  # here, not at the top: cli imports this module
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    stats = commands.add_parser("stats", help="mean/std of a train split, for --mean/--std")
+    stats.add_argument("train_dir", type=Path, help="a split laid out as <identity>/*.jpg")
+    stats.add_argument("--image-size", type=at_least(1), help="resize to N x N first, as training would")
+    stats.add_argument("--max-images", type=at_least(1), help="use N images spread over the split")
+    stats.add_argument("--num-workers", type=at_least(0), default=DEFAULT_WORKERS)
+    args = parser.parse_args(argv)
+    mean, std = compute_mean_std(args.train_dir, args.image_size, args.max_images, args.num_workers)
+    print("mean", tuple(round(value, 4) for value in mean))
+    print("std", tuple(round(value, 4) for value in std))
+    return 0
+
+
+if __name__ == "__main__":
+    from cli import run
+    from data import main  # the imported module's, so its DataError is the class cli.run catches
+
+    run(main)
