@@ -1,0 +1,190 @@
+"""Train FaceNN with the seed's recipe. Arguments in, Trainer out: no ML logic lives here.
+
+    python run_training.py                        # Kaggle data under data/, 60 epochs
+    python run_training.py --full                 # the seed's final run: train+dev, no validation
+    python run_training.py --resume               # continue checkpoint/last.ckpt
+    python run_training.py --demo                 # synthetic faces, CPU, a few minutes
+
+Writes into --out: last.ckpt, best.ckpt (best dev accuracy), metrics.csv, curves.png and, with
+--wandb, an offline or online wandb run.
+"""
+
+import argparse
+import inspect
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from architecture import MIN_IMAGE_SIZE, count_parameters
+from cli import ArgumentParser, at_least, run
+from data import DataError, FaceDataModule
+from training import FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
+
+RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
+KAGGLE_HELP = (
+    "get the Kaggle data (kaggle competitions download -c 11-785-f23-hw2p2-classification, unzip so that "
+    "DIR/train/<id>/*.jpg, DIR/dev/<id>/*.jpg and DIR/test/*.jpg exist), or try the synthetic demo: "
+    "python run_training.py --demo"
+)
+# The demo: a synthetic face set small enough to learn on two CPU cores in a few minutes.
+DEMO_DATA = dict(identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10, image_size=64)
+DEMO_ARGS = dict(
+    data_dir=Path("demo_data"), out=Path("checkpoint/demo"), epochs=12, warmup_epochs=1, batch_size=64,
+    lr=2e-3, widths="32,64,128,256", depths="1,1,3,1", accelerator="cpu", num_workers=1, wandb="off",
+)
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """Writes each checkpoint beside its target and renames it into place, so an interrupted
+    write never leaves a half-written file as the only copy."""
+
+    def _save_checkpoint(self, trainer, filepath):
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            Path(partial).replace(filepath)
+        self._last_checkpoint_saved = filepath
+
+
+def int_list(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="holds train/, dev/ and test/")
+    p.add_argument("--out", type=Path, default=Path("checkpoint"), help="checkpoints, logs and plots")
+    p.add_argument("--epochs", type=at_least(1), default=RECIPE["max_epochs"])
+    p.add_argument("--warmup-epochs", type=at_least(0), default=RECIPE["warmup_epochs"])
+    p.add_argument("--batch-size", type=at_least(1), default=256, help="per device")
+    p.add_argument("--lr", type=at_least(1e-12, float), default=RECIPE["lr"], help="peak learning rate")
+    p.add_argument("--weight-decay", type=at_least(0.0, float), default=RECIPE["weight_decay"])
+    p.add_argument("--label-smoothing", type=at_least(0.0, float), default=RECIPE["label_smoothing"])
+    p.add_argument("--mixup-alpha", type=at_least(0.0, float), default=RECIPE["mixup_alpha"], help="0 turns mixup off")
+    p.add_argument("--image-size", type=at_least(MIN_IMAGE_SIZE), help="resize images to this (default: as stored)")
+    p.add_argument("--subset-classes", type=at_least(1), help="prototype on the first N identities")
+    p.add_argument("--full", action="store_true", help="train on train+dev, without validation")
+    p.add_argument("--stem", choices=("classic", "patchify"), default="classic")
+    p.add_argument("--head-layers", type=int, choices=(1, 2), default=2)
+    p.add_argument("--widths", type=int_list, help="comma-separated stage widths (default 80,160,320,640)")
+    p.add_argument("--depths", type=int_list, help="comma-separated stage depths (default 2,2,6,2)")
+    p.add_argument("--patience", type=at_least(1), default=20, help="early stopping on dev loss")
+    p.add_argument("--resume", nargs="?", const="last", type=str, help="continue from a checkpoint (default OUT/last.ckpt)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="auto")
+    p.add_argument("--num-nodes", type=at_least(1), default=1)
+    p.add_argument("--strategy", default="auto")
+    p.add_argument("--num-workers", type=at_least(0), help="data loading processes per device")
+    p.add_argument("--precision", help="default: 16-mixed on CUDA, 32-true on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", choices=("off", "offline", "online"), default="offline")
+    p.add_argument("--demo", action="store_true", help="generate synthetic faces and train on them on CPU")
+    args = p.parse_args(argv)
+    if args.demo:  # the demo's settings, unless given on the command line
+        p.set_defaults(**DEMO_ARGS)
+        args = p.parse_args(argv)
+    return args
+
+
+def resolve_accelerator(args) -> tuple[str, str]:
+    accelerator = args.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = args.precision or ("16-mixed" if accelerator in ("cuda", "gpu") else "32-true")
+    return accelerator, precision
+
+
+def build_model(args, data: FaceDataModule, resume_from: Path | None) -> FaceClassifier:
+    """A fresh model from the arguments, or the one a checkpoint describes."""
+    if resume_from is not None:
+        checkpoint = torch.load(resume_from, map_location="cpu", weights_only=False)
+        if checkpoint.get("class_names") != data.class_names:
+            raise DataError(f"{resume_from} was trained on other identities than {args.data_dir}/train")
+        return FaceClassifier(**checkpoint["hyper_parameters"], class_names=checkpoint["class_names"])
+    architecture = dict(stem=args.stem, head_layers=args.head_layers)
+    architecture.update({k: v for k, v in (("widths", args.widths), ("depths", args.depths)) if v})
+    return FaceClassifier(
+        num_classes=data.num_classes, class_names=data.class_names, architecture=architecture,
+        image_size=args.image_size, mean=data.hparams.mean, std=data.hparams.std, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, max_epochs=args.epochs, label_smoothing=args.label_smoothing,
+        mixup_alpha=args.mixup_alpha,
+    )
+
+
+def checkpoint_to_resume(args) -> Path | None:
+    """The checkpoint --resume names; refuses to write over an earlier run unless asked."""
+    if args.resume:
+        path = args.out / "last.ckpt" if args.resume == "last" else Path(args.resume)
+        if not path.is_file():
+            raise DataError(f"no checkpoint to resume at {path}")
+        return path
+    earlier = sorted(args.out.glob("*.ckpt")) if args.out.is_dir() else []
+    if earlier and not args.overwrite:
+        raise DataError(
+            f"{args.out} already holds a run ({earlier[0].name}); pass --resume to continue it, "
+            "--overwrite to replace it, or another --out"
+        )
+    if args.overwrite and args.out.is_dir():
+        for path in earlier + [args.out / "metrics.csv", args.out / "hparams.yaml"]:
+            path.unlink(missing_ok=True)
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.demo:
+        from synthetic_faces import generate
+
+        generate(args.data_dir, **DEMO_DATA, seed=args.seed)
+    if not args.data_dir.is_dir():
+        raise DataError(f"no data directory at {args.data_dir}: {KAGGLE_HELP}")
+    L.seed_everything(args.seed, workers=True, verbose=False)
+    resume_from = checkpoint_to_resume(args)
+
+    data = FaceDataModule(
+        args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, image_size=args.image_size,
+        subset_classes=args.subset_classes, full=args.full,
+    )
+    data.setup("fit")
+    model = build_model(args, data, resume_from)
+    accelerator, precision = resolve_accelerator(args)
+    validate = not args.full
+    # two callbacks: Lightning's save_last only follows epochs that improved the monitored metric
+    last = AtomicCheckpoint(dirpath=args.out, filename="last", enable_version_counter=False)
+    best = AtomicCheckpoint(dirpath=args.out, filename="best", monitor="val_acc", mode="max", enable_version_counter=False)
+    callbacks = [last, LearningRateMonitor("epoch"), Throughput()]
+    if validate:
+        callbacks += [best, EarlyStopping("val_loss", patience=args.patience)]
+    # flushed at every log call, so a killed run keeps its log
+    loggers = [ResumableCSVLogger(args.out, resume=resume_from is not None, flush_logs_every_n_steps=1)]
+    if args.wandb != "off":
+        loggers.append(WandbLogger(project="FaceClassifier", save_dir=args.out, offline=args.wandb == "offline"))
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
+        precision=precision, max_epochs=model.hparams.max_epochs, callbacks=callbacks, logger=loggers,
+        default_root_dir=args.out, benchmark=True, log_every_n_steps=10,
+    )
+    world = trainer.world_size
+    rank_zero_info(
+        f"device: {accelerator} x {world} | precision: {precision} | parameters: {count_parameters(model):,}\n"
+        f"data: {len(data.train_dataset):,} train images, "
+        + (f"{len(data.val_dataset):,} dev images, " if validate else "dev merged into train (--full), ")
+        + f"{data.num_classes:,} identities | batch {args.batch_size} per device, {args.batch_size * world} global"
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+    if not trainer.is_global_zero:
+        return 0
+    plot_curves(args.out / "metrics.csv", args.out / "curves.png")
+    if validate:
+        print(f"best dev accuracy {best.best_model_score:.4f}: {best.best_model_path}")
+    print(f"last checkpoint: {last.best_model_path}; curves: {args.out / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,158 @@
+"""The Lightning module and run_training.py: schedule, mixup, training, checkpoints, resume, CLI."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_training
+from training import FaceClassifier, epoch_metrics, warmup_cosine
+from tests.conftest import TINY_NET, TINY_SET
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--wandb", "off", "--num-workers", "0", "--batch-size", "8", "--accelerator", "cpu", "--warmup-epochs", "1", "--mixup-alpha", "0", *TINY_NET]
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_training.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+
+
+def assert_one_line_error(result):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = warmup_cosine(optimizer, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e-4, min_lr=1e-5)
+    lrs = []
+    for _ in range(61):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(3e-4)
+    assert lrs[5] == pytest.approx(3e-4 + 0.5 * 7e-4)
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[35] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert lrs[60] == pytest.approx(1e-5)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_mixup_gives_soft_targets():
+    torch.manual_seed(0)
+    module = FaceClassifier(num_classes=5, architecture=dict(widths=(8, 16, 24, 32), depths=(1, 1, 1, 1)))
+    images, targets = module.mixup(torch.randn(8, 3, 32, 32), torch.arange(8) % 5)
+    assert targets.shape == (8, 5)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(8))
+    assert (targets.max(dim=1).values < 1).all()  # two identities mixed in every row
+
+
+def test_class_names_must_match_classes():
+    with pytest.raises(ValueError, match="3 class names for 4 classes"):
+        FaceClassifier(num_classes=4, class_names=["a", "b", "c"])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_faces, tmp_path_factory):
+    """Eight epochs of the tiny network on the tiny set, through the real command."""
+    out = tmp_path_factory.mktemp("run")
+    code = run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), "--epochs", "8", "--lr", "3e-3", *FAST, "--batch-size", "4"])
+    assert code == 0
+    return out
+
+
+def test_training_lowers_the_loss_and_beats_chance(trained_run):
+    series = epoch_metrics(trained_run / "metrics.csv")
+    losses = [v for _, v in series["train_loss_epoch"]]
+    assert len(losses) == 8
+    assert min(losses[-2:]) < losses[0]
+    assert max(v for _, v in series["val_acc"]) > 1 / TINY_SET["identities"]
+    assert all(v > 0 for _, v in series["train_img_per_s"])
+
+
+def test_run_writes_checkpoints_log_and_curves(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"last.ckpt", "best.ckpt", "metrics.csv", "curves.png"} <= names
+    assert not any(name.endswith(".partial") for name in names)
+    assert (trained_run / "curves.png").stat().st_size > 10_000
+
+
+def test_checkpoint_alone_rebuilds_an_identical_model(trained_run, tiny_faces):
+    checkpoint = torch.load(trained_run / "best.ckpt", map_location="cpu", weights_only=False)
+    module = FaceClassifier.load_from_checkpoint(trained_run / "best.ckpt", map_location="cpu").eval()
+    assert module.class_names == sorted(p.name for p in (tiny_faces / "train").iterdir())
+    assert module.hparams.image_size is None and len(module.hparams.mean) == 3
+    assert module.hparams.architecture["widths"] == (8, 16, 24, 32)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    for name, tensor in module.model.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=0, atol=0)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), module(x))
+
+
+def test_full_mode_trains_on_train_and_dev(tiny_faces, tmp_path):
+    out = tmp_path / "full"
+    assert run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), "--epochs", "1", "--full", *FAST]) == 0
+    checkpoint = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    images = TINY_SET["identities"] * (TINY_SET["train_per_identity"] + TINY_SET["dev_per_identity"])
+    assert checkpoint["global_step"] == -(-images // 8)  # one step per batch of the union
+    assert not (out / "best.ckpt").exists()
+    assert "val_acc" not in epoch_metrics(out / "metrics.csv")
+
+
+def test_second_run_into_the_same_out_is_refused(trained_run, tiny_faces):
+    before = (trained_run / "last.ckpt").read_bytes()
+    result = run_cli("--data-dir", tiny_faces, "--out", trained_run, "--epochs", "1", *FAST)
+    assert "already holds a run" in assert_one_line_error(result)
+    assert (trained_run / "last.ckpt").read_bytes() == before
+
+
+def test_sigkill_mid_run_then_resume_finishes_the_planned_epochs(tiny_faces, tmp_path):
+    out = tmp_path / "killed"
+    args = ["--data-dir", tiny_faces, "--out", out, "--epochs", "4", *FAST, "--batch-size", "4"]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_training.py"), *map(str, args)], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 180
+    while not (out / "last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    epoch_at_kill = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    assert epoch_at_kill < 3  # epochs count from 0: killed before the last one
+    result = run_cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 3
+    assert FaceClassifier.load_from_checkpoint(out / "best.ckpt", map_location="cpu").hparams.max_epochs == 4
+    with open(out / "metrics.csv", newline="") as f:
+        epochs = {row["epoch"] for row in csv.DictReader(f) if row.get("val_acc")}
+    assert len(epochs) == 4
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--epochs", "-1"], "--epochs: must be >= 1"),
+        (["--batch-size", "0"], "--batch-size: must be >= 1"),
+        (["--image-size", "16"], "--image-size: must be >= 32"),
+        (["--no-such-flag"], "unrecognized arguments"),
+        (["--data-dir", "/nonexistent/faces"], "python run_training.py --demo"),
+    ],
+)
+def test_cli_errors_are_one_line(args, expected):
+    assert expected in assert_one_line_error(run_cli(*args))

@@ -1,0 +1,191 @@
+"""The LightningModule: FaceNN plus the seed's recipe (AdamW, warm-up + cosine, label smoothing,
+mixup), and the plot of a run's curves.
+
+A checkpoint alone rebuilds the model: the hyperparameters hold the architecture, image size and
+normalisation, and the checkpoint carries the class mapping (index -> identity folder name).
+"""
+
+import csv
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from torchvision.transforms import v2
+
+from architecture import NUM_CLASSES, FaceNN
+from data import KAGGLE_MEAN, KAGGLE_STD
+
+
+def warmup_cosine(optimizer, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e-4, min_lr=1e-5):
+    """Per-epoch schedule: linear from `warmup_start_lr` to the optimiser's lr over
+    `warmup_epochs`, then cosine down to `min_lr` at `max_epochs` (the seed's
+    LinearWarmupCosineAnnealingLR, from torch's own schedulers)."""
+    base_lr = optimizer.param_groups[0]["lr"]
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, max_epochs - warmup_epochs), eta_min=min_lr)
+    if warmup_epochs == 0:
+        return cosine
+    warmup = LinearLR(optimizer, start_factor=warmup_start_lr / base_lr, total_iters=warmup_epochs)
+    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
+
+
+class FaceClassifier(L.LightningModule):
+    """Trains FaceNN on identity labels. `architecture` holds FaceNN's keyword arguments (the
+    seed's network when empty)."""
+
+    def __init__(
+        self,
+        num_classes: int = NUM_CLASSES,
+        class_names: list[str] | None = None,
+        architecture: dict | None = None,
+        image_size: int | None = None,
+        mean: tuple = KAGGLE_MEAN,
+        std: tuple = KAGGLE_STD,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: int = 10,
+        warmup_start_lr: float = 3e-4,
+        min_lr: float = 1e-5,
+        max_epochs: int = 60,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 1.0,
+        channels_last: bool = True,
+    ):
+        super().__init__()
+        # the class names go into the checkpoint itself (on_save_checkpoint), not into every
+        # logger's hyperparameters: 7001 of them would flood hparams.yaml and wandb's config
+        self.save_hyperparameters(ignore=["class_names"])
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
+        self.model = FaceNN(num_classes, **(architecture or {}))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=self.memory_format))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised pooled features, for verification by cosine similarity."""
+        return F.normalize(self.model.forward_features(x.contiguous(memory_format=self.memory_format)), dim=1)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)  # soft targets
+        loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): "
+                "lower --lr, or check the data"
+            )
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels), sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self(images)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        metrics = {
+            "val_loss": F.cross_entropy(logits, labels),
+            "val_acc": (top5[:, 0] == labels).float().mean(),
+            "val_top5": (top5 == labels[:, None]).any(dim=1).float().mean(),
+        }
+        self.log_dict(metrics, prog_bar=True, batch_size=len(labels), sync_dist=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        scheduler = warmup_cosine(optimizer, hp.warmup_epochs, hp.max_epochs, hp.warmup_start_lr, hp.min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["class_names"] = self.class_names
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.class_names = checkpoint["class_names"]
+
+
+class Throughput(L.Callback):
+    """Logs training images per second for each epoch (summed over devices), so the CSV log,
+    the progress bar and wandb show the speed next to the loss."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.images, self.start = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.images += len(batch[1])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        rate = self.images / (time.perf_counter() - self.start)
+        pl_module.log("train_img_per_s", rate, prog_bar=True, sync_dist=True, reduce_fx="sum")
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger that, for a resumed run, continues the metrics.csv it finds instead of deleting
+    it (Lightning's CSVLogger removes an existing file when it starts)."""
+
+    def __init__(self, save_dir, resume: bool = False, **kwargs):
+        super().__init__(save_dir, name="", version="", **kwargs)
+        self.resume = resume
+
+    @property
+    def experiment(self):
+        if self._experiment is not None or not self.resume or rank_zero_only.rank != 0:
+            return super().experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        kept = path.read_text() if path.is_file() else ""
+        writer = super().experiment
+        if kept:
+            path.write_text(kept)
+            writer.metrics_keys = kept.splitlines()[0].split(",")
+        return writer
+
+
+def epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch series from a CSVLogger's metrics.csv: {metric: [(epoch, value), ...]}."""
+    series: dict[str, dict[int, float]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            for name, value in row.items():
+                if name not in ("epoch", "step") and value and not name.endswith("_step"):
+                    series.setdefault(name, {})[epoch] = float(value)
+    return {name: sorted(values.items()) for name, values in series.items()}
+
+
+def plot_curves(metrics_csv: Path, out_png: Path) -> None:
+    """Loss, accuracy and learning rate against epoch, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = epoch_metrics(metrics_csv)
+    panels = [
+        ("loss", ["train_loss_epoch", "val_loss"]),
+        ("accuracy", ["val_acc", "val_top5"]),
+        ("learning rate", [name for name in series if name.startswith("lr")]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            if name in series:
+                epochs, values = zip(*series[name])
+                ax.plot(epochs, values, marker="o", markersize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
