@@ -8,6 +8,7 @@ import argparse
 
 import torch
 from torch import nn
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
 from residual_blocks import ConvNeXtBlock, InvertedBottleneck
 
@@ -108,6 +109,16 @@ class FaceNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.classifier(self.forward_features(x))
+
+
+def convnext_baseline(num_classes: int = NUM_CLASSES, widths=WIDTHS, depths=DEPTHS) -> nn.Module:
+    """torchvision's ConvNeXt at FaceNN's widths and depths: the design the seed measured itself
+    against ("slightly better than the base ConvNeXt")."""
+    stages = [
+        CNBlockConfig(width, widths[i + 1] if i + 1 < len(widths) else None, depth)
+        for i, (width, depth) in enumerate(zip(widths, depths))
+    ]
+    return ConvNeXt(stages, num_classes=num_classes)
 
 
 def count_parameters(module: nn.Module) -> int:

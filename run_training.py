@@ -177,6 +177,8 @@ def main(argv=None) -> int:
         + f"{data.num_classes:,} identities | batch {args.batch_size} per device, {args.batch_size * world} global"
     )
     trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+    if world > 1 and validate:  # every rank reports: synced metrics agree across ranks
+        print(f"rank {trainer.global_rank}: dev accuracy {trainer.callback_metrics['val_acc']:.6f}")
     if not trainer.is_global_zero:
         return 0
     plot_curves(args.out / "metrics.csv", args.out / "curves.png")

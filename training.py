@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchvision.transforms import v2
 
-from architecture import NUM_CLASSES, FaceNN
+from architecture import NUM_CLASSES, FaceNN, convnext_baseline
 from data import KAGGLE_MEAN, KAGGLE_STD
 
 
@@ -33,15 +33,19 @@ def warmup_cosine(optimizer, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e
     return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
 
 
+BACKBONES = {"facenn": FaceNN, "convnext": convnext_baseline}
+
+
 class FaceClassifier(L.LightningModule):
-    """Trains FaceNN on identity labels. `architecture` holds FaceNN's keyword arguments (the
-    seed's network when empty)."""
+    """Trains FaceNN (or, for comparison, torchvision's ConvNeXt) on identity labels.
+    `architecture` holds the backbone's keyword arguments (the seed's network when empty)."""
 
     def __init__(
         self,
         num_classes: int = NUM_CLASSES,
         class_names: list[str] | None = None,
         architecture: dict | None = None,
+        backbone: str = "facenn",
         image_size: int | None = None,
         mean: tuple = KAGGLE_MEAN,
         std: tuple = KAGGLE_STD,
@@ -62,7 +66,7 @@ class FaceClassifier(L.LightningModule):
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
-        self.model = FaceNN(num_classes, **(architecture or {}))
+        self.model = BACKBONES[backbone](num_classes, **(architecture or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
@@ -113,8 +117,8 @@ class FaceClassifier(L.LightningModule):
 
 
 class Throughput(L.Callback):
-    """Logs training images per second for each epoch (summed over devices), so the CSV log,
-    the progress bar and wandb show the speed next to the loss."""
+    """Logs the images trained on and images per second in each epoch, summed over devices, so
+    the CSV log, the progress bar and wandb show the speed next to the loss."""
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.images, self.start = 0, time.perf_counter()
@@ -125,6 +129,7 @@ class Throughput(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         rate = self.images / (time.perf_counter() - self.start)
         pl_module.log("train_img_per_s", rate, prog_bar=True, sync_dist=True, reduce_fx="sum")
+        pl_module.log("train_images", float(self.images), sync_dist=True, reduce_fx="sum")
 
 
 class ResumableCSVLogger(CSVLogger):

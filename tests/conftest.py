@@ -1,11 +1,17 @@
-"""Shared fixtures: a tiny synthetic face set, generated once per test session."""
+"""Shared fixtures: a tiny synthetic face set and a tiny network trained on it, made once per
+test session."""
 
 import pytest
 
+import run_training
 from synthetic_faces import generate
 
 TINY_SET = dict(identities=4, train_per_identity=8, dev_per_identity=3, test_per_identity=2, image_size=48, seed=0)
-TINY_NET = ["--widths", "8,16,24,32", "--depths", "1,1,1,1"]
+# run_training.py flags for a fast CPU run of a tiny network
+FAST = [
+    "--wandb", "off", "--num-workers", "0", "--batch-size", "8", "--accelerator", "cpu", "--warmup-epochs", "1",
+    "--mixup-alpha", "0", "--widths", "8,16,24,32", "--depths", "1,1,1,1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +20,13 @@ def tiny_faces(tmp_path_factory):
     root = tmp_path_factory.mktemp("faces") / "data"
     generate(root, **TINY_SET, workers=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_faces, tmp_path_factory):
+    """Eight epochs of the tiny network on the tiny set, through the real command: its --out dir
+    (last.ckpt, best.ckpt, metrics.csv, curves.png)."""
+    out = tmp_path_factory.mktemp("run")
+    code = run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), "--epochs", "8", "--lr", "3e-3", *FAST, "--batch-size", "4"])
+    assert code == 0
+    return out

@@ -13,10 +13,9 @@ import torch
 
 import run_training
 from training import FaceClassifier, epoch_metrics, warmup_cosine
-from tests.conftest import TINY_NET, TINY_SET
+from tests.conftest import FAST, TINY_SET
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--wandb", "off", "--num-workers", "0", "--batch-size", "8", "--accelerator", "cpu", "--warmup-epochs", "1", "--mixup-alpha", "0", *TINY_NET]
 
 
 def run_cli(*args, timeout=300):
@@ -62,15 +61,6 @@ def test_mixup_gives_soft_targets():
 def test_class_names_must_match_classes():
     with pytest.raises(ValueError, match="3 class names for 4 classes"):
         FaceClassifier(num_classes=4, class_names=["a", "b", "c"])
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_faces, tmp_path_factory):
-    """Eight epochs of the tiny network on the tiny set, through the real command."""
-    out = tmp_path_factory.mktemp("run")
-    code = run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), "--epochs", "8", "--lr", "3e-3", *FAST, "--batch-size", "4"])
-    assert code == 0
-    return out
 
 
 def test_training_lowers_the_loss_and_beats_chance(trained_run):
