@@ -60,6 +60,65 @@ def eval_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = No
     return _compose([], mean, std, image_size)
 
 
+def decode_transform(image_size: int | None = None) -> v2.Compose:
+    """Decode (and resize) only, to a uint8 CHW tensor: the CPU half when BatchAugment runs the
+    augmentation on the GPU. uint8 also moves a quarter of float32's bytes to the device."""
+    resize = [v2.Resize((image_size, image_size))] if image_size else []
+    return v2.Compose(resize + [v2.ToImage()])
+
+
+class BatchAugment(torch.nn.Module):
+    """The seed's train augmentation for a whole uint8 NCHW batch on its device, each image with
+    its own random rotation, horizontal flip and colour jitter, then normalised.
+
+    v2 transforms draw one set of parameters per call, so on a batch every image would get the
+    same rotation and jitter; this draws them per image. Rotation samples with nearest
+    neighbours and fills with black, as RandomRotation does. Hue is turned in YIQ space, a
+    linear stand-in for ColorJitter's HSV hue shift; brightness, contrast and saturation are
+    torchvision's formulas.
+    """
+
+    def __init__(self, mean=KAGGLE_MEAN, std=KAGGLE_STD, degrees: float = 30, jitter: float = 0.2, hue: float = 0.2):
+        super().__init__()
+        self.degrees, self.jitter, self.hue = degrees, jitter, hue
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        self.register_buffer("to_yiq", to_yiq)
+        self.register_buffer("from_yiq", torch.linalg.inv(to_yiq))
+
+    def _factor(self, n: int, spread: float, device) -> torch.Tensor:
+        """One random factor per image, uniform in [1 - spread, 1 + spread]."""
+        return torch.empty(n, 1, 1, 1, device=device).uniform_(1 - spread, 1 + spread)
+
+    def _gray(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.to_yiq[0].view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255
+        n, device = x.shape[0], x.device
+        x = torch.where(torch.rand(n, 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
+
+        angle = torch.deg2rad(torch.empty(n, device=device).uniform_(-self.degrees, self.degrees))
+        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        x = torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+        x = (x * self._factor(n, self.jitter, device)).clamp(0, 1)  # brightness
+        mean_gray = self._gray(x).mean((2, 3), keepdim=True)
+        x = (mean_gray + (x - mean_gray) * self._factor(n, self.jitter, device)).clamp(0, 1)  # contrast
+        gray = self._gray(x)
+        x = (gray + (x - gray) * self._factor(n, self.jitter, device)).clamp(0, 1)  # saturation
+
+        turn = torch.empty(n, device=device).uniform_(-self.hue, self.hue) * 2 * torch.pi
+        cos, sin, one, zero = turn.cos(), turn.sin(), torch.ones_like(turn), torch.zeros_like(turn)
+        rows = [torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1), torch.stack([zero, sin, cos], 1)]
+        hue_turn = self.from_yiq @ torch.stack(rows, 1) @ self.to_yiq  # (n, 3, 3), one per image
+        x = torch.einsum("nij,njhw->nihw", hue_turn, x).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+
 def load_rgb(path) -> Image.Image:
     """Decode a whole image as RGB (grayscale, RGBA, palette and CMYK files all convert).
 
@@ -175,6 +234,8 @@ class FaceDataModule(L.LightningDataModule):
     full: train on train + dev (dev when it exists; the seed's final run) with no validation.
     subset_classes=N: keep only the first N identities (sorted), with all their images, in both
     train and dev, for prototyping. num_workers=None: min(8, CPUs); pin_memory=None: with CUDA.
+    augment_on_device: workers only decode; BatchAugment augments each train batch after it
+    reaches the device, so a few CPU workers can keep a GPU fed.
     """
 
     def __init__(
@@ -188,6 +249,7 @@ class FaceDataModule(L.LightningDataModule):
         mean=KAGGLE_MEAN,
         std=KAGGLE_STD,
         pin_memory: bool | None = None,
+        augment_on_device: bool = False,
     ):
         super().__init__()
         data_dir = str(data_dir)  # saved as text: a Path would stop torch.load(weights_only=True) resuming
@@ -196,6 +258,7 @@ class FaceDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.class_names: list[str] = []
         self.train_dataset = self.val_dataset = self.test_dataset = None
+        self.batch_augment = BatchAugment(mean, std) if augment_on_device else None
 
     @property
     def num_classes(self) -> int:
@@ -220,7 +283,10 @@ class FaceDataModule(L.LightningDataModule):
             raise DataError(f"{train_dir}: has {len(identities)} identities (expected {expected})")
         class_names = identities[: hp.subset_classes]
 
-        augment = train_transform(hp.mean, hp.std, hp.image_size)
+        if hp.augment_on_device:
+            augment = decode_transform(hp.image_size)
+        else:
+            augment = train_transform(hp.mean, hp.std, hp.image_size)
         plain = eval_transform(hp.mean, hp.std, hp.image_size)
         train = FaceFolder(train_dir, class_names, augment)
         empty = sorted(set(class_names) - {class_names[target] for target in train.targets})
@@ -235,6 +301,12 @@ class FaceDataModule(L.LightningDataModule):
             self.val_dataset = FaceFolder(dev_dir, class_names, plain)
         self.test_dataset = TestImages(test_dir, plain) if test_dir.is_dir() else None
         self.class_names = class_names
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.batch_augment is None or not self.trainer.training:
+            return batch
+        images, labels = batch
+        return self.batch_augment.to(images.device)(images), labels
 
     def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from architecture import MIN_IMAGE_SIZE, count_parameters
 from cli import ArgumentParser, at_least, run
-from data import DataError, FaceDataModule
+from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from training import FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--num-nodes", type=at_least(1), default=1)
     p.add_argument("--strategy", default="auto")
     p.add_argument("--num-workers", type=at_least(0), help="data loading processes per device")
+    p.add_argument("--augment-on-device", action="store_true", help="workers only decode; augment batches on the GPU")
+    p.add_argument("--mean", type=float, nargs=3, default=KAGGLE_MEAN, help="normalisation (python data.py stats DIR/train)")
+    p.add_argument("--std", type=float, nargs=3, default=KAGGLE_STD)
     p.add_argument("--precision", help="default: 16-mixed on CUDA, 32-true on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", choices=("off", "offline", "online"), default="offline")
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
 
     data = FaceDataModule(
         args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, image_size=args.image_size,
-        subset_classes=args.subset_classes, full=args.full,
+        subset_classes=args.subset_classes, full=args.full, mean=tuple(args.mean), std=tuple(args.std),
+        augment_on_device=args.augment_on_device,
     )
     data.setup("fit")
     model = build_model(args, data, resume_from)

@@ -18,6 +18,7 @@ from PIL import Image
 from data import (
     KAGGLE_MEAN,
     KAGGLE_STD,
+    BatchAugment,
     DataError,
     FaceDataModule,
     TestImages,
@@ -375,3 +376,36 @@ def test_stats_command_error_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     missing = tmp_path / "missing"
     assert result.stderr.splitlines() == [f"error: {missing}: directory not found (expected {missing}/<identity>/*.jpg)"]
+
+
+def test_batch_augment_draws_its_parameters_per_image():
+    torch.manual_seed(0)
+    image = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8)
+    out = BatchAugment()(image.repeat(8, 1, 1, 1))
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
+    distinct = {tuple(row.flatten()[:64].tolist()) for row in out}
+    assert len(distinct) == 8  # eight different rotations/jitters of the same image
+
+
+def test_batch_augment_without_jitter_or_rotation_only_flips_and_normalises():
+    torch.manual_seed(0)
+    images = (torch.rand(16, 3, 20, 20) * 255).to(torch.uint8)
+    out = BatchAugment(degrees=0, jitter=0, hue=0)(images)
+    mean, std = torch.tensor(KAGGLE_MEAN).view(1, 3, 1, 1), torch.tensor(KAGGLE_STD).view(1, 3, 1, 1)
+    plain = (images.float() / 255 - mean) / std
+    same = (out - plain).flatten(1).abs().amax(1) < 1e-4
+    flipped = (out - plain.flip(-1)).flatten(1).abs().amax(1) < 1e-4
+    assert (same | flipped).all()
+    assert 2 <= flipped.sum() <= 14  # about half flipped
+
+
+def test_augment_on_device_loads_uint8_and_augments_after_transfer(data_dir):
+    module = datamodule(data_dir, augment_on_device=True)
+    images, labels = next(iter(module.train_dataloader()))
+    assert images.dtype == torch.uint8
+    module.trainer = type("Trainer", (), {"training": True})()
+    augmented, same_labels = module.on_after_batch_transfer((images, labels), 0)
+    assert augmented.dtype == torch.float32 and augmented.shape == images.shape
+    assert torch.equal(same_labels, labels)
+    val_images, _ = next(iter(module.val_dataloader()))
+    assert val_images.dtype == torch.float32  # evaluation still normalises on the CPU
