@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: install
-	$(PYTHON) architecture.py
+	$(PYTHON) run_training.py --demo
 
 test: install
 	$(PYTHON) -m pytest

@@ -27,10 +27,11 @@ def at_least(minimum, kind=int):
 
 
 def run(main) -> None:
-    """Run a command's main(), turning a DataError into one line and exit status 2."""
+    """Run a command's main(), turning a DataError or a diverged loss into one line and exit
+    status 2."""
     try:
         sys.exit(main())
-    except DataError as error:
+    except (DataError, FloatingPointError) as error:  # bad data, or a loss that diverged
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

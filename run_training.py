@@ -34,7 +34,7 @@ KAGGLE_HELP = (
 DEMO_DATA = dict(identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10, image_size=64)
 DEMO_ARGS = dict(
     data_dir=Path("demo_data"), out=Path("checkpoint/demo"), epochs=12, warmup_epochs=1, batch_size=64,
-    lr=2e-3, widths="32,64,128,256", depths="1,1,3,1", accelerator="cpu", num_workers=1, wandb="off",
+    lr=2e-3, widths="32,64,128,256", depths="1,1,3,1", accelerator="cpu", num_workers=1, wandb="off", overwrite=True,
 )
 
 
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=at_least(0), help="data loading processes per device")
     p.add_argument("--augment-on-device", action="store_true", help="workers only decode; augment batches on the GPU")
     p.add_argument("--mean", type=float, nargs=3, default=KAGGLE_MEAN, help="normalisation (python data.py stats DIR/train)")
-    p.add_argument("--std", type=float, nargs=3, default=KAGGLE_STD)
+    p.add_argument("--std", type=at_least(1e-6, float), nargs=3, default=KAGGLE_STD)
     p.add_argument("--precision", help="default: 16-mixed on CUDA, 32-true on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", choices=("off", "offline", "online"), default="offline")
