@@ -1,0 +1,397 @@
+"""Inference from a run_training.py checkpoint: a Kaggle submission, accuracy on labelled images,
+embeddings, and face verification by cosine similarity.
+
+    python predict.py submit --checkpoint checkpoint/best.ckpt --test-dir data/test --out submission.csv
+    python predict.py evaluate --checkpoint checkpoint/best.ckpt --data-dir data/dev
+    python predict.py evaluate --submission submission.csv --labels data/test_labels.csv --checkpoint CKPT
+    python predict.py embed --checkpoint CKPT --images data/verification --out emb.npy
+    python predict.py verify --checkpoint CKPT --pairs data/verification_pairs.csv --images data/verification --roc roc.png
+
+The checkpoint alone rebuilds the model (architecture, image size, normalisation, class names), so
+none of these needs the training data. A submission's label is the class index the model was
+trained with (the identity folder's position in sorted order); --label-names writes the folder
+name instead. Every output is written beside its target and renamed into place, so a failed or
+interrupted run leaves an earlier file as it was.
+"""
+
+import argparse
+import csv
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cli import ArgumentParser, at_least, run
+from data import DEFAULT_WORKERS, DataError, FaceFolder, TestImages, collate_same_size, eval_transform, identity_folders
+from training import FaceClassifier
+
+CHECKPOINT_HELP = "expected a .ckpt written by run_training.py"
+
+
+# -----------------------------------------------------------------------------
+# the model and running it
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device here (expected a GPU, or --device cpu)")
+    return torch.device(name)
+
+
+def load_model(path, device: str = "auto") -> FaceClassifier:
+    """The model a checkpoint describes, in eval mode on `device`, whatever device it was saved from."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found ({CHECKPOINT_HELP})")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file fails in many ways: zip, pickle, EOF, key errors
+        reason = ": ".join(filter(None, [type(error).__name__, str(error).strip().split("\n")[0].split(". ")[0]]))
+        raise DataError(f"{path}: cannot read checkpoint ({reason}); {CHECKPOINT_HELP}") from error
+    keys = ("hyper_parameters", "class_names", "state_dict")
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in keys):
+        raise DataError(f"{path}: not a FaceClassifier checkpoint, no {'/'.join(keys)} ({CHECKPOINT_HELP})")
+    try:
+        model = FaceClassifier(**checkpoint["hyper_parameters"], class_names=checkpoint["class_names"])
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        raise DataError(f"{path}: its weights or settings do not fit FaceClassifier ({CHECKPOINT_HELP})") from error
+    return model.to(pick_device(device)).eval()
+
+
+def model_transform(model: FaceClassifier):
+    """The images as the model saw them in validation: its size and normalisation."""
+    return eval_transform(model.hparams.mean, model.hparams.std, model.hparams.image_size)
+
+
+def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_workers=DEFAULT_WORKERS, desc="inference"):
+    """The logits (or with embed=True, the L2-normalised embeddings) of every (image, key) of
+    `dataset` in order, batched on the model's device, fp16 on CUDA. tta averages the logits of
+    each image and its mirror image. Returns (float32 outputs, keys, images per second)."""
+    device = model.device
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", collate_fn=collate_same_size)
+    forward = model.embed if embed else model
+    outputs, keys = [], []
+    start = time.perf_counter()
+    with (torch.inference_mode(), torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"),
+          tqdm(total=len(dataset), desc=desc, unit="img", disable=None) as bar):
+        for images, batch_keys in loader:
+            images = images.to(device, non_blocking=True)
+            output = forward(images)
+            if tta:
+                output = (output + forward(images.flip(-1))) / 2
+            outputs.append(output.float().cpu())
+            keys += batch_keys.tolist() if torch.is_tensor(batch_keys) else batch_keys
+            bar.update(len(images))
+    return torch.cat(outputs), keys, len(keys) / (time.perf_counter() - start)
+
+
+def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS):
+    """(embeddings, file names, images per second) of every image under images_dir, sorted by name."""
+    if not hasattr(model.model, "forward_features"):
+        raise DataError(f"the {model.hparams.backbone} backbone gives no embeddings (expected a FaceNN checkpoint)")
+    images = TestImages(images_dir, model_transform(model))
+    return run_model(model, images, embed=True, batch_size=batch_size, num_workers=num_workers, desc="embedding")
+
+
+# -----------------------------------------------------------------------------
+# files
+
+def check_output(path: Path) -> None:
+    """Fail before the work rather than after it."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory (expected a file name to write)")
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "w"):
+    """An open file beside `path` that replaces it only once written whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, mode, newline="" if "b" not in mode else None) as f:
+            yield f
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_csv(path: Path, rows) -> None:
+    with atomic_write(path) as f:
+        csv.writer(f).writerows(rows)
+
+
+def read_csv(path, columns: tuple) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a CSV whose header starts with `columns`; every row has those columns."""
+    path = Path(path)
+    expected = f"expected a CSV with header {','.join(columns)}"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found ({expected})")
+    try:
+        with open(path, newline="") as f:
+            header, *rows = list(csv.reader(f)) or [[]]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: not a readable CSV ({error}); {expected}") from error
+    if header[: len(columns)] != list(columns):
+        raise DataError(f"{path}: header is {','.join(header)!r} ({expected})")
+    for line, row in enumerate(rows, start=2):
+        if len(row) < len(columns):
+            raise DataError(f"{path}:{line}: {len(row)} columns ({expected})")
+    return header, rows
+
+
+def read_labels(path) -> dict[str, str]:
+    """id -> label of a submission-style CSV, refusing repeated ids."""
+    _, rows = read_csv(path, ("id", "label"))
+    labels = {row[0]: row[1] for row in rows}
+    if len(labels) != len(rows):
+        raise DataError(f"{path}: {len(rows) - len(labels)} repeated ids (expected one row per image)")
+    return labels
+
+
+# -----------------------------------------------------------------------------
+# the commands
+
+def submit(checkpoint, test_dir, out, batch_size=256, num_workers=DEFAULT_WORKERS, tta=False, label_names=False,
+           skip_bad=False, device="auto") -> dict:
+    """Writes the Kaggle submission (id,label for every test image, ids sorted); returns the row
+    count, the unreadable images left out (skip_bad) and the inference speed."""
+    out = Path(out)
+    check_output(out)
+    model = load_model(checkpoint, device)
+    images = TestImages(test_dir, model_transform(model), skip_bad=skip_bad)
+    if not images.paths:
+        raise DataError(f"{test_dir}: none of its {len(images.skipped)} images can be read (expected JPEG/PNG)")
+    logits, ids, rate = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="predicting")
+    predicted = logits.argmax(1).tolist()
+    labels = [model.class_names[index] for index in predicted] if label_names else predicted
+    write_csv(out, [("id", "label"), *zip(ids, labels)])
+    return dict(rows=len(ids), skipped=len(images.skipped), img_per_s=rate, device=str(model.device))
+
+
+def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, tta=False, device="auto") -> dict:
+    """Top-1 and top-5 accuracy on a split laid out as <identity>/*.jpg, labelled through the
+    checkpoint's class mapping; the split's identities must all be known to the checkpoint."""
+    model = load_model(checkpoint, device)
+    data_dir = Path(data_dir)
+    unknown = sorted(set(identity_folders(data_dir)) - set(model.class_names))
+    if unknown:
+        raise DataError(f"{data_dir / unknown[0]}: identity unknown to {checkpoint} "
+                        f"({len(unknown)} such; expected identities it was trained on)")
+    images = FaceFolder(data_dir, model.class_names, model_transform(model))
+    logits, labels, _ = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="evaluating")
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top5 == torch.tensor(labels)[:, None]
+    return dict(images=len(labels), top1=hits[:, 0].double().mean().item(), top5=hits.any(1).double().mean().item())
+
+
+def score_submission(submission, labels, checkpoint=None) -> dict:
+    """Accuracy of a submission against ground truth whose labels are identity names. The
+    submission's labels may be names, or class indices that the checkpoint's class names map."""
+    truth, predicted = read_labels(labels), read_labels(submission)
+    missing, extra = sorted(truth.keys() - predicted.keys()), sorted(predicted.keys() - truth.keys())
+    if missing:
+        raise DataError(f"{submission}: no row for {len(missing)} ids of {labels}, e.g. {missing[0]} (expected one per image)")
+    if extra:
+        raise DataError(f"{submission}: {len(extra)} ids not in {labels}, e.g. {extra[0]} (expected the same ids)")
+    if not truth:
+        raise DataError(f"{labels}: no rows (expected id,label for every test image)")
+    names = load_model(checkpoint, "cpu").class_names if checkpoint else None
+    if names:
+        unknown = sorted(set(truth.values()) - set(names))
+        if unknown:
+            raise DataError(f"{labels}: identity {unknown[0]} unknown to {checkpoint} ({len(unknown)} such)")
+    values = set(predicted.values())
+    if not (names and values <= set(names)) and all(value.isdigit() for value in values):  # class indices
+        if names is None:
+            raise DataError(f"{submission}: labels are class indices; pass --checkpoint to map them to identity names")
+        if bad := [value for value in values if int(value) >= len(names)]:
+            raise DataError(f"{submission}: label {bad[0]} is not a class index of {checkpoint} (0 to {len(names) - 1})")
+        predicted = {key: names[int(value)] for key, value in predicted.items()}
+    correct = sum(predicted[key] == label for key, label in truth.items())
+    return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth))
+
+
+def embed(checkpoint, images, out, batch_size=256, num_workers=DEFAULT_WORKERS, device="auto") -> dict:
+    """Writes the (N, D) float32 embeddings of the images (unit rows) to `out` (.npy), and their
+    file names, one a line in row order, beside it as .txt."""
+    out = Path(out)
+    names_out = out.with_suffix(".txt")
+    check_output(out)
+    check_output(names_out)
+    embeddings, names, _ = embed_images(load_model(checkpoint, device), images, batch_size, num_workers)
+    with atomic_write(out, "wb") as f:
+        np.save(f, embeddings.numpy())
+    with atomic_write(names_out) as f:
+        f.writelines(f"{name}\n" for name in names)
+    return dict(shape=tuple(embeddings.shape), names=names_out)
+
+
+def roc_curve(scores, same):
+    """(false positive rates, true positive rates, thresholds) of `score >= threshold` calling a
+    pair the same person, one point per distinct score from the highest down, after (0, 0)."""
+    scores, same = np.asarray(scores, dtype=float), np.asarray(same, dtype=bool)
+    order = np.argsort(-scores, kind="stable")
+    scores, same = scores[order], same[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # the last pair at each distinct score
+    tpr = np.r_[0, np.cumsum(same)[last]] / same.sum()
+    fpr = np.r_[0, np.cumsum(~same)[last]] / (~same).sum()
+    return fpr, tpr, np.r_[np.inf, scores[last]]
+
+
+def verification_metrics(scores, same) -> dict:
+    """ROC AUC, equal error rate (where false accepts = false rejects, on the ROC's straight
+    pieces), and the best accuracy over thresholds with its threshold; `same` holds both kinds."""
+    same = np.asarray(same, dtype=bool)
+    fpr, tpr, thresholds = roc_curve(scores, same)
+    gap = (1 - tpr) - fpr  # false rejects minus false accepts: falls from 1 to -1
+    i = np.flatnonzero(gap <= 0)[0]
+    eer = fpr[i - 1] + gap[i - 1] / (gap[i - 1] - gap[i]) * (fpr[i] - fpr[i - 1])
+    correct = tpr * same.sum() + (1 - fpr) * (~same).sum()
+    best = correct.argmax()
+    return dict(auc=float(np.trapezoid(tpr, fpr)), eer=float(eer), accuracy=float(correct[best] / len(same)),
+                threshold=float(thresholds[best]), fpr=fpr, tpr=tpr)
+
+
+def plot_roc(metrics: dict, out_png: Path) -> None:
+    """The ROC curve of verification_metrics, against chance, with its equal error rate marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(metrics["fpr"], metrics["tpr"], label=f"ROC, AUC {metrics['auc']:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    ax.plot(metrics["eer"], 1 - metrics["eer"], "o", label=f"EER {metrics['eer']:.3f}")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="face verification", xlim=(0, 1), ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_write(out_png, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def verify(checkpoint, pairs, images, out=None, roc=None, batch_size=256, num_workers=DEFAULT_WORKERS, device="auto") -> dict:
+    """Cosine similarity of the embeddings of each pair of `pairs` (img1,img2[,same], file names
+    under `images`): written to `out` (img1,img2,score[,same]); with ground truth, also the ROC
+    metrics and, with `roc`, the ROC curve as a PNG."""
+    header, rows = read_csv(pairs, ("img1", "img2"))
+    truth = header[2:3] == ["same"]
+    for path in (out, roc):
+        if path:
+            check_output(Path(path))
+    if not rows:
+        raise DataError(f"{pairs}: no pairs (expected rows img1,img2[,same])")
+    if not truth and (roc or not out):
+        raise DataError(f"{pairs}: no 'same' column, so nothing to score against: pass --out for the scores alone")
+    if truth:
+        if bad := [row[2] for row in rows if len(row) < 3 or row[2] not in ("0", "1")]:
+            raise DataError(f"{pairs}: 'same' is {bad[0]!r} (expected 0 or 1 in every row)")
+        same = np.array([row[2] == "1" for row in rows])
+        if same.all() or not same.any():
+            raise DataError(f"{pairs}: only {'same' if same.all() else 'different'} pairs (expected both, for ROC)")
+    embeddings, names, _ = embed_images(load_model(checkpoint, device), images, batch_size, num_workers)
+    index = {name: i for i, name in enumerate(names)}
+    if missing := [name for row in rows for name in row[:2] if name not in index]:
+        raise DataError(f"{pairs}: {missing[0]} is not an image in {images} ({len(missing)} missing)")
+    first, second = (embeddings[[index[row[k]] for row in rows]] for k in (0, 1))
+    scores = (first * second).sum(1).numpy()
+    if out:
+        columns = ["img1", "img2", "score"] + (["same"] if truth else [])
+        write_csv(Path(out), [columns] + [[*row[:2], float(score), *row[2:3]] for row, score in zip(rows, scores)])
+    result = dict(pairs=len(rows), scores=scores)
+    if truth:
+        result.update(verification_metrics(scores, same))
+        if roc:
+            plot_roc(result, Path(roc))
+    return result
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    model = ArgumentParser(add_help=False)
+    model.add_argument("--batch-size", type=at_least(1), default=256)
+    model.add_argument("--num-workers", type=at_least(0), default=DEFAULT_WORKERS, help="image decoding processes")
+    model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    checkpoint = dict(type=Path, help="a .ckpt written by run_training.py")
+
+    p = commands.add_parser("submit", parents=[model], help="write a Kaggle submission CSV (id,label)")
+    p.add_argument("--checkpoint", required=True, **checkpoint)
+    p.add_argument("--test-dir", type=Path, default=Path("data/test"), help="test images, flat or in subfolders")
+    p.add_argument("--out", type=Path, default=Path("submission.csv"))
+    p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
+    p.add_argument("--label-names", action="store_true", help="write identity folder names, not class indices")
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images instead of failing")
+
+    p = commands.add_parser("evaluate", parents=[model], help="accuracy on a labelled split, or of a submission")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", type=Path, help="a labelled split, <identity>/*.jpg (needs --checkpoint)")
+    source.add_argument("--submission", type=Path, help="a submission CSV to score (needs --labels)")
+    p.add_argument("--labels", type=Path, help="ground truth CSV id,label with identity names")
+    p.add_argument("--checkpoint", **checkpoint)
+    p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
+
+    p = commands.add_parser("embed", parents=[model], help="L2-normalised embeddings of a folder of images, as .npy")
+    p.add_argument("--checkpoint", required=True, **checkpoint)
+    p.add_argument("--images", type=Path, required=True, help="images, flat or in subfolders")
+    p.add_argument("--out", type=Path, required=True, help="the .npy; file names go beside it as .txt")
+
+    p = commands.add_parser("verify", parents=[model], help="cosine similarity of image pairs, ROC AUC and EER")
+    p.add_argument("--checkpoint", required=True, **checkpoint)
+    p.add_argument("--pairs", type=Path, required=True, help="CSV img1,img2[,same] of file names in --images")
+    p.add_argument("--images", type=Path, required=True, help="the images the pairs name")
+    p.add_argument("--out", type=Path, help="CSV of the scores")
+    p.add_argument("--roc", type=Path, help="PNG of the ROC curve")
+
+    args = parser.parse_args(argv)
+    if args.command == "evaluate" and args.data_dir and not args.checkpoint:
+        parser.error("evaluate --data-dir needs --checkpoint")
+    if args.command == "evaluate" and args.submission and not args.labels:
+        parser.error("evaluate --submission needs --labels")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
+    if args.command == "submit":
+        result = submit(args.checkpoint, args.test_dir, args.out, tta=args.tta, label_names=args.label_names,
+                        skip_bad=args.skip_bad, **loading)
+        left_out = f", leaving out {result['skipped']} unreadable images" if args.skip_bad else ""
+        print(f"wrote {result['rows']} rows to {args.out}{left_out}")
+        print(f"inference: {result['img_per_s']:.1f} img/s on {result['device']}, decoding included")
+    elif args.command == "evaluate" and args.data_dir:
+        result = evaluate(args.checkpoint, args.data_dir, tta=args.tta, **loading)
+        print(f"{args.data_dir}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on {result['images']} images")
+    elif args.command == "evaluate":
+        result = score_submission(args.submission, args.labels, args.checkpoint)
+        print(f"{args.submission}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']})")
+    elif args.command == "embed":
+        result = embed(args.checkpoint, args.images, args.out, **loading)
+        print(f"wrote {result['shape'][0]} x {result['shape'][1]} embeddings to {args.out}, file names to {result['names']}")
+    else:
+        result = verify(args.checkpoint, args.pairs, args.images, args.out, args.roc, **loading)
+        if args.out:
+            print(f"wrote {result['pairs']} scores to {args.out}")
+        if "auc" in result:
+            print(f"{result['pairs']} pairs: ROC AUC {result['auc']:.4f}, EER {result['eer']:.4f}, "
+                  f"accuracy {result['accuracy']:.4f} at cosine >= {result['threshold']:.4f}")
+        if args.roc:
+            print(f"ROC curve: {args.roc}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,252 @@
+"""predict.py: the Kaggle submission, evaluation, scoring, embeddings and verification from a
+checkpoint, and its one-line errors."""
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+import predict
+import run_training
+from data import DataError
+from synthetic_faces import generate
+from tests.conftest import FAST, TINY_SET
+from tests.test_training import assert_one_line_error
+from training import epoch_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+# Verification needs embeddings that tell apart people the network never saw, which four
+# identities cannot teach: more identities, and 12 unseen ones paired 300 times.
+VERIFICATION_SET = dict(identities=24, train_per_identity=12, dev_per_identity=1, test_per_identity=4, image_size=48,
+                        seed=0, verification_identities=12, pairs=300)
+VERIFICATION_NET = ["--epochs", "8", "--lr", "3e-3", *FAST, "--widths", "16,32,48,64", "--batch-size", "16"]
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def run_command(argv, capsys):
+    """predict.py's command line run in this process, through cli.run as the script does; a
+    subprocess per case would pay torch's start-up each time."""
+    with pytest.raises(SystemExit) as exit:
+        cli.run(lambda: predict.main(argv))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, exit.value.code, captured.out, captured.err)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run):
+    return trained_run / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def submission(checkpoint, tiny_faces, tmp_path_factory):
+    out = tmp_path_factory.mktemp("submit") / "submission.csv"
+    result = predict.submit(checkpoint, tiny_faces / "test", out, num_workers=0)
+    assert result["rows"] == len(read_rows(out)) - 1 and result["img_per_s"] > 0
+    return out
+
+
+def test_submission_has_a_sorted_row_per_test_image(submission, tiny_faces):
+    header, *rows = read_rows(submission)
+    assert header == ["id", "label"]
+    assert [name for name, _ in rows] == sorted(path.name for path in (tiny_faces / "test").iterdir())
+    assert {int(label) for _, label in rows} <= set(range(TINY_SET["identities"]))
+
+
+def test_label_names_and_tta_change_labels_only(submission, checkpoint, tiny_faces, tmp_path):
+    model = predict.load_model(checkpoint, "cpu")
+    names = model.class_names
+    predict.submit(checkpoint, tiny_faces / "test", tmp_path / "names.csv", num_workers=0, label_names=True)
+    predict.submit(checkpoint, tiny_faces / "test", tmp_path / "tta.csv", num_workers=0, tta=True)
+    plain, named, tta = (read_rows(path) for path in (submission, tmp_path / "names.csv", tmp_path / "tta.csv"))
+    assert named[1:] == [[key, names[int(label)]] for key, label in plain[1:]]
+    assert tta[0] == plain[0] and [key for key, _ in tta] == [key for key, _ in plain]
+    assert {int(label) for _, label in tta[1:]} <= set(range(len(names)))
+    images = predict.TestImages(tiny_faces / "test", predict.model_transform(model))
+    logits, _, _ = predict.run_model(model, images, num_workers=0)
+    flipped, _, _ = predict.run_model(model, images, tta=True, num_workers=0)
+    assert not torch.allclose(logits, flipped)
+
+
+def test_evaluate_agrees_with_the_best_validation_accuracy(checkpoint, trained_run, tiny_faces):
+    result = predict.evaluate(checkpoint, tiny_faces / "dev", num_workers=0)
+    states = torch.load(checkpoint, weights_only=True)["callbacks"].values()
+    best = next(state["best_model_score"].item() for state in states if state.get("monitor") == "val_acc")
+    assert result["images"] == TINY_SET["identities"] * TINY_SET["dev_per_identity"]
+    assert result["top1"] == pytest.approx(best, abs=1e-6)
+    assert result["top1"] == pytest.approx(max(v for _, v in epoch_metrics(trained_run / "metrics.csv")["val_acc"]), abs=1e-6)
+    assert result["top5"] == 1.0  # four identities: the top five hold them all
+
+
+def test_evaluate_refuses_identities_the_checkpoint_does_not_know(checkpoint, tiny_faces, tmp_path):
+    shutil.copytree(tiny_faces / "dev", tmp_path / "dev")
+    shutil.copytree(tiny_faces / "dev" / "n000001", tmp_path / "dev" / "stranger")
+    with pytest.raises(DataError, match="stranger: identity unknown"):
+        predict.evaluate(checkpoint, tmp_path / "dev", num_workers=0)
+
+
+def test_scoring_a_submission_counts_the_right_labels(submission, checkpoint, tiny_faces, tmp_path):
+    names = predict.load_model(checkpoint, "cpu").class_names
+    truth = dict(read_rows(tiny_faces / "test_labels.csv")[1:])
+    rows = read_rows(submission)[1:]
+    by_hand = sum(names[int(label)] == truth[key] for key, label in rows) / len(rows)
+    assert predict.score_submission(submission, tiny_faces / "test_labels.csv", checkpoint)["accuracy"] == by_hand
+    named = tmp_path / "named.csv"
+    named.write_text("id,label\n" + "".join(f"{key},{names[int(label)]}\n" for key, label in rows))
+    assert predict.score_submission(named, tiny_faces / "test_labels.csv")["accuracy"] == by_hand  # names need no checkpoint
+    with pytest.raises(DataError, match="pass --checkpoint"):
+        predict.score_submission(submission, tiny_faces / "test_labels.csv")
+    short = tmp_path / "short.csv"
+    short.write_text("".join(f"{','.join(row)}\n" for row in read_rows(submission)[:-1]))
+    with pytest.raises(DataError, match="no row for 1 ids"):
+        predict.score_submission(short, tiny_faces / "test_labels.csv", checkpoint)
+    with pytest.raises(DataError, match="1 ids not in"):
+        predict.score_submission(submission, short, checkpoint)
+
+
+def test_embed_writes_unit_rows_and_their_file_names(checkpoint, tiny_faces, tmp_path):
+    predict.embed(checkpoint, tiny_faces / "test", tmp_path / "emb.npy", num_workers=0)
+    embeddings = np.load(tmp_path / "emb.npy")
+    names = (tmp_path / "emb.txt").read_text().splitlines()
+    assert embeddings.dtype == np.float32 and embeddings.shape == (len(names), 32)  # the last width of FAST's net
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1, rtol=1e-5)
+    assert names == sorted(path.name for path in (tiny_faces / "test").iterdir())
+
+
+def test_verification_metrics_on_known_scores():
+    perfect = predict.verification_metrics([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0])
+    assert (perfect["auc"], perfect["eer"], perfect["accuracy"]) == (1, 0, 1)
+    reversed_ = predict.verification_metrics([0.9, 0.8, 0.3, 0.1], [0, 0, 1, 1])
+    assert (reversed_["auc"], reversed_["eer"]) == (0, 1)
+    tied = predict.verification_metrics([0.5] * 4, [1, 0, 1, 0])
+    assert (tied["auc"], tied["eer"]) == (0.5, 0.5)
+    mixed = predict.verification_metrics([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])  # 3 of 4 positive-negative pairs ordered
+    assert (mixed["auc"], mixed["eer"], mixed["accuracy"]) == (0.75, 0.5, 0.75)
+    # AUC is the chance that a same pair outscores a different one, ties counting half
+    rng = np.random.default_rng(0)
+    scores, same = rng.integers(0, 10, 200) / 10, rng.random(200) < 0.4
+    wins = scores[same][:, None] - scores[~same][None, :]
+    assert predict.verification_metrics(scores, same)["auc"] == pytest.approx((wins > 0).mean() + 0.5 * (wins == 0).mean())
+
+
+@pytest.fixture(scope="module")
+def verification_run(tmp_path_factory):
+    """A network trained on VERIFICATION_SET, and that set's directory."""
+    root = tmp_path_factory.mktemp("verification") / "data"
+    generate(root, **VERIFICATION_SET, workers=1)
+    out = tmp_path_factory.mktemp("verification_run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only spin, badly on a shared CPU
+    try:
+        code = run_training.main(["--data-dir", str(root), "--out", str(out), *VERIFICATION_NET])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return out / "last.ckpt", root
+
+
+def test_verify_tells_unseen_identities_apart(verification_run, tmp_path, capsys):
+    checkpoint, root = verification_run
+    pairs = read_rows(root / "verification_pairs.csv")
+    argv = ["verify", "--checkpoint", checkpoint, "--pairs", root / "verification_pairs.csv", "--images",
+            root / "verification", "--out", tmp_path / "scores.csv", "--roc", tmp_path / "roc.png", "--num-workers", "0"]
+    result = run_command(list(map(str, argv)), capsys)
+    assert result.returncode == 0, result.stderr
+    header, *rows = read_rows(tmp_path / "scores.csv")
+    assert header == ["img1", "img2", "score", "same"] and [row[:2] + row[3:] for row in rows] == pairs[1:]
+    scores = np.array([float(row[2]) for row in rows])
+    assert np.all(np.abs(scores) <= 1 + 1e-6)
+    metrics = predict.verification_metrics(scores, [row[3] == "1" for row in rows])
+    # about 0.86, EER 0.18; untrained networks score 0.49 to 0.64
+    assert metrics["auc"] > 0.75 and metrics["eer"] < 0.3 and metrics["accuracy"] > 0.7, metrics
+    assert f"ROC AUC {metrics['auc']:.4f}, EER {metrics['eer']:.4f}" in result.stdout
+    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_commands_print_their_results(checkpoint, submission, tiny_faces, tmp_path, capsys):
+    commands = {
+        "top-1 0.": ["evaluate", "--checkpoint", checkpoint, "--data-dir", tiny_faces / "dev"],
+        "accuracy 0.": ["evaluate", "--submission", submission, "--labels", tiny_faces / "test_labels.csv", "--checkpoint", checkpoint],
+        "8 x 32 embeddings": ["embed", "--checkpoint", checkpoint, "--images", tiny_faces / "test", "--out", tmp_path / "emb.npy"],
+    }
+    for expected, argv in commands.items():
+        result = run_command([*map(str, argv), "--num-workers", "0"], capsys)
+        assert result.returncode == 0 and expected in result.stdout, result
+
+
+# -----------------------------------------------------------------------------
+# the command line: one line on stderr, exit status 2, and no earlier output lost
+
+@pytest.fixture(scope="module")
+def bad_inputs(checkpoint, tiny_faces, tmp_path_factory):
+    """A directory of things that cannot be predicted from: checkpoints that are not one, an empty
+    test dir, and a copy of the test set with one image truncated (`bad`); plus the good ones."""
+    root = tmp_path_factory.mktemp("bad")
+    data = checkpoint.read_bytes()
+    (root / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    torch.save({"a": 1}, root / "plain.ckpt")
+    torch.save(torch.nn.Linear(3, 2).state_dict(), root / "other_model.ckpt")
+    wider = torch.load(checkpoint, weights_only=True)
+    wider["hyper_parameters"]["architecture"]["widths"] = (16, 32, 48, 64)
+    torch.save(wider, root / "other_widths.ckpt")
+    (root / "empty").mkdir()
+    shutil.copytree(tiny_faces / "test", root / "test")
+    bad = sorted((root / "test").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:200])
+    return dict(root=root, bad=bad, checkpoint=checkpoint, test=tiny_faces / "test")
+
+
+CASES = {  # name: (checkpoint, test dir, what the error line says)
+    "missing checkpoint": ("missing.ckpt", None, "missing.ckpt: checkpoint not found"),
+    "truncated checkpoint": ("truncated.ckpt", None, "truncated.ckpt: cannot read checkpoint"),
+    "plain dict": ("plain.ckpt", None, "plain.ckpt: not a FaceClassifier checkpoint"),
+    "another model": ("other_model.ckpt", None, "other_model.ckpt: not a FaceClassifier checkpoint"),
+    "weights of other widths": ("other_widths.ckpt", None, "other_widths.ckpt: its weights or settings do not fit"),
+    "empty test dir": (None, "empty", "empty: no images"),
+    "unreadable image": (None, "test", "unreadable image"),
+}
+
+
+def submit_command(case, inputs, out, *flags):
+    """predict.py submit arguments for a case of CASES, writing over an existing file `out`."""
+    ckpt, test_dir, _ = CASES[case]
+    out.write_text("an earlier submission\n")
+    return ["submit", "--num-workers", "0", "--out", str(out),
+            "--checkpoint", str(inputs["root"] / ckpt if ckpt else inputs["checkpoint"]),
+            "--test-dir", str(inputs["root"] / test_dir if test_dir else inputs["test"]), *flags]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_errors_are_one_line_and_keep_the_earlier_submission(case, bad_inputs, tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    line = assert_one_line_error(run_command(submit_command(case, bad_inputs, out), capsys))
+    assert CASES[case][2] in line
+    assert out.read_text() == "an earlier submission\n"
+    assert [path.name for path in tmp_path.iterdir()] == [out.name]  # no partial file left behind
+
+
+def test_the_script_names_the_unreadable_image_in_one_line(bad_inputs, tmp_path):
+    out = tmp_path / "submission.csv"
+    command = [sys.executable, str(ROOT / "predict.py"), *submit_command("unreadable image", bad_inputs, out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad_inputs["bad"].name in assert_one_line_error(result)
+    assert out.read_text() == "an earlier submission\n"
+
+
+def test_skip_bad_leaves_out_the_unreadable_image_and_says_so(bad_inputs, tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    with pytest.warns(UserWarning, match="leaving out unreadable test image"):
+        result = run_command(submit_command("unreadable image", bad_inputs, out, "--skip-bad"), capsys)
+    assert result.returncode == 0, result.stderr
+    assert "leaving out 1 unreadable images" in result.stdout and "img/s" in result.stdout
+    ids = [row[0] for row in read_rows(out)[1:]]
+    assert ids == sorted(path.name for path in bad_inputs["test"].iterdir() if path.name != bad_inputs["bad"].name)
