@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from architecture import MIN_IMAGE_SIZE, count_parameters
 from cli import ArgumentParser, at_least, run
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
-from training import FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
+from training import BACKBONES, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
 KAGGLE_HELP = (
@@ -31,7 +31,10 @@ KAGGLE_HELP = (
     "python run_training.py --demo"
 )
 # The demo: a synthetic face set small enough to learn on two CPU cores in a few minutes.
-DEMO_DATA = dict(identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10, image_size=64)
+DEMO_DATA = dict(
+    identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10, image_size=64,
+    verification_identities=10, pairs=300,
+)
 DEMO_ARGS = dict(
     data_dir=Path("demo_data"), out=Path("checkpoint/demo"), epochs=12, warmup_epochs=1, batch_size=64,
     lr=2e-3, widths="32,64,128,256", depths="1,1,3,1", accelerator="cpu", num_workers=1, wandb="off", overwrite=True,
@@ -68,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=at_least(MIN_IMAGE_SIZE), help="resize images to this (default: as stored)")
     p.add_argument("--subset-classes", type=at_least(1), help="prototype on the first N identities")
     p.add_argument("--full", action="store_true", help="train on train+dev, without validation")
+    p.add_argument("--backbone", choices=tuple(BACKBONES), default="facenn", help="convnext: torchvision's, for comparison")
     p.add_argument("--stem", choices=("classic", "patchify"), default="classic")
     p.add_argument("--head-layers", type=int, choices=(1, 2), default=2)
     p.add_argument("--widths", type=int_list, help="comma-separated stage widths (default 80,160,320,640)")
@@ -109,10 +113,10 @@ def build_model(args, data: FaceDataModule, resume_from: Path | None) -> FaceCla
         if checkpoint.get("class_names") != data.class_names:
             raise DataError(f"{resume_from} was trained on other identities than {args.data_dir}/train")
         return FaceClassifier(**checkpoint["hyper_parameters"], class_names=checkpoint["class_names"])
-    architecture = dict(stem=args.stem, head_layers=args.head_layers)
+    architecture = dict(stem=args.stem, head_layers=args.head_layers) if args.backbone == "facenn" else {}
     architecture.update({k: v for k, v in (("widths", args.widths), ("depths", args.depths)) if v})
     return FaceClassifier(
-        num_classes=data.num_classes, class_names=data.class_names, architecture=architecture,
+        num_classes=data.num_classes, class_names=data.class_names, architecture=architecture, backbone=args.backbone,
         image_size=args.image_size, mean=data.hparams.mean, std=data.hparams.std, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, max_epochs=args.epochs, label_smoothing=args.label_smoothing,
         mixup_alpha=args.mixup_alpha,
@@ -189,7 +193,25 @@ def main(argv=None) -> int:
     if validate:
         print(f"best dev accuracy {best.best_model_score:.4f}: {best.best_model_path}")
     print(f"last checkpoint: {last.best_model_path}; curves: {args.out / 'curves.png'}")
+    if args.demo:
+        score_demo(Path(best.best_model_path), args.data_dir, args.out, args.num_workers)
     return 0
+
+
+def score_demo(checkpoint: Path, data_dir: Path, out: Path, num_workers: int) -> None:
+    """The demo's last step: the Kaggle submission for its test split, scored against the
+    generator's ground truth, and face verification on identities never trained on."""
+    from predict import score_submission, submit, verify
+
+    submission = out / "submission.csv"
+    submit(checkpoint, data_dir / "test", submission, num_workers=num_workers, device="cpu")
+    score = score_submission(submission, data_dir / "test_labels.csv", checkpoint)
+    print(f"demo test accuracy {score['accuracy']:.4f} ({score['correct']}/{score['rows']}): {submission}")
+    pairs = verify(
+        checkpoint, data_dir / "verification_pairs.csv", data_dir / "verification", roc=out / "roc.png",
+        num_workers=num_workers, device="cpu",
+    )
+    print(f"demo verification on unseen identities: ROC AUC {pairs['auc']:.3f}, EER {pairs['eer']:.3f}: {out / 'roc.png'}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,20 @@
 """Shared fixtures: a tiny synthetic face set and a tiny network trained on it, made once per
 test session."""
 
-import pytest
+import os
 
-import run_training
-from synthetic_faces import generate
+# Tiny networks gain nothing from intra-op threads, and the tests run subprocesses and data
+# workers beside each other: one thread each keeps 2 cores from thrashing (set before torch
+# starts; subprocesses and notebook kernels inherit it).
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import run_training  # noqa: E402
+from synthetic_faces import generate  # noqa: E402
+
+torch.set_num_threads(1)
 
 TINY_SET = dict(identities=4, train_per_identity=8, dev_per_identity=3, test_per_identity=2, image_size=48, seed=0)
 # run_training.py flags for a fast CPU run of a tiny network
