@@ -11,6 +11,7 @@ Writes into --out: last.ckpt, best.ckpt (best dev accuracy), metrics.csv, curves
 
 import argparse
 import inspect
+import os
 from pathlib import Path
 
 import lightning as L
@@ -36,7 +37,7 @@ DEMO_DATA = dict(
     verification_identities=10, pairs=300,
 )
 DEMO_ARGS = dict(
-    data_dir=Path("demo_data"), out=Path("checkpoint/demo"), epochs=12, warmup_epochs=1, batch_size=64,
+    data_dir=Path("demo_data"), out=Path("checkpoint/demo"), epochs=15, warmup_epochs=1, batch_size=64,
     lr=2e-3, widths="32,64,128,256", depths="1,1,3,1", accelerator="cpu", num_workers=1, wandb="off", overwrite=True,
 )
 
@@ -161,6 +162,8 @@ def main(argv=None) -> int:
     data.setup("fit")
     model = build_model(args, data, resume_from)
     accelerator, precision = resolve_accelerator(args)
+    if accelerator == "cpu":  # leave a core to each data worker: oversubscribed cores thrash
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - data.num_workers))
     validate = not args.full
     # two callbacks: Lightning's save_last only follows epochs that improved the monitored metric
     last = AtomicCheckpoint(dirpath=args.out, filename="last", enable_version_counter=False)

@@ -154,16 +154,25 @@ class ResumableCSVLogger(CSVLogger):
 
 
 def epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-epoch series from a CSVLogger's metrics.csv: {metric: [(epoch, value), ...]}."""
+    """Per-epoch series from a CSVLogger's metrics.csv: {metric: [(epoch, value), ...]}.
+
+    Rows logged at an epoch's start (the learning rate) carry no epoch: they count for the epoch
+    of the next row that does."""
     series: dict[str, dict[int, float]] = {}
+    pending: dict[str, float] = {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
+            values = {
+                name: float(value) for name, value in row.items()
+                if name not in ("epoch", "step") and value and not name.endswith("_step")
+            }
             if not row.get("epoch"):
+                pending.update(values)
                 continue
             epoch = int(float(row["epoch"]))
-            for name, value in row.items():
-                if name not in ("epoch", "step") and value and not name.endswith("_step"):
-                    series.setdefault(name, {})[epoch] = float(value)
+            for name, value in {**pending, **values}.items():
+                series.setdefault(name, {})[epoch] = value
+            pending = {}
     return {name: sorted(values.items()) for name, values in series.items()}
 
 

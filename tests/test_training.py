@@ -70,6 +70,9 @@ def test_training_lowers_the_loss_and_beats_chance(trained_run):
     assert min(losses[-2:]) < losses[0]
     assert max(v for _, v in series["val_acc"]) > 1 / TINY_SET["identities"]
     assert all(v > 0 for _, v in series["train_img_per_s"])
+    lrs = dict(series["lr-AdamW"])  # logged at each epoch's start, counted for that epoch
+    assert sorted(lrs) == list(range(8))
+    assert lrs[0] == pytest.approx(3e-4) and lrs[1] == pytest.approx(3e-3)
 
 
 def test_run_writes_checkpoints_log_and_curves(trained_run):
