@@ -1,0 +1,472 @@
+"""Synthetic face data set in the layout of the Kaggle 11-785 HW2P2 classification data.
+
+The real faces cannot be shipped, so this draws cartoon faces instead. Identity lives in facial
+geometry and traits (face shape, eyes, brows, nose, mouth, hair, ears, glasses, beard), while every
+image varies in pose, expression, lighting, background, noise and JPEG quality. That split is what
+lets a CNN learn the identities while a linear model on raw pixels stays far behind: the point of
+the demo. Same arguments, same bytes, whatever the number of workers.
+
+    python synthetic_faces.py --out data/synthetic --identities 50
+
+writes train/<identity>/*.jpg, dev/<identity>/*.jpg, test/*.jpg, test_labels.csv (id,label),
+mislabelled.csv (path,label: train images filed under a wrong identity, with the true one) and,
+with --verification-identities K --pairs P, verification/*.jpg of K identities absent from train
+plus verification_pairs.csv (img1,img2,same).
+"""
+
+import argparse
+import csv
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+MARKER = ".synthetic_faces.json"
+FORMAT_VERSION = 1  # bump whenever the drawing changes, so that old sets are not taken for new ones
+SPLIT_STREAMS = {"train": 1, "dev": 2, "test": 3, "verification": 4}  # RNG stream of each split
+TRAIT_STREAM, NAME_STREAM, MISLABEL_STREAM, PAIR_STREAM = 10, 11, 12, 13
+
+HAIR_COLOURS = [(25, 20, 20), (60, 40, 25), (110, 70, 40), (200, 165, 100), (160, 65, 30), (150, 150, 150)]
+HAIR_STYLES = ["bald", "short", "fringe", "side", "mohawk", "long", "afro"]
+EYE_COLOURS = [(60, 40, 25), (40, 90, 150), (70, 120, 60), (110, 110, 110)]
+
+
+def identity_name(identity):
+    """Zero-padded so that sorted order, and thus ImageFolder's class index, is numeric order."""
+    return f"n{identity + 1:06d}"
+
+
+# -----------------------------------------------------------------------------
+# drawing
+
+@functools.lru_cache(maxsize=None)  # each worker draws many images of each identity
+def identity_traits(seed, identity):
+    """The stable look of one identity; sizes are fractions of the face's half-axes or canvas."""
+    rng = np.random.default_rng([seed, TRAIT_STREAM, identity])
+    u = rng.uniform
+    pick = lambda options: options[rng.integers(len(options))]
+    skin = np.array([255, 222, 194]) + u(0, 1) * np.array([-150, -155, -150])  # light to dark
+    hair = np.clip(np.array(pick(HAIR_COLOURS)) + rng.integers(-15, 16, 3), 0, 255)
+    return dict(
+        face_w=u(0.19, 0.26), face_h=u(0.25, 0.32), squareness=u(2.0, 4.0), chin=u(0.0, 0.45),
+        skin=tuple(int(v) for v in skin + rng.integers(-10, 11, 3)), hair=tuple(int(v) for v in hair),
+        hair_style=pick(HAIR_STYLES), hairline=u(0.35, 0.7), part=pick([-1, 1]),
+        ear=u(0.12, 0.26), ear_y=u(-0.15, 0.1),
+        eye_y=u(-0.05, 0.3), eye_gap=u(0.28, 0.55), eye_w=u(0.13, 0.24), eye_h=u(0.3, 0.75),
+        eye_tilt=u(-0.35, 0.35), eye_colour=pick(EYE_COLOURS), iris=u(0.45, 0.8), liner=rng.random() < 0.3,
+        brow_gap=u(0.1, 0.3), brow_w=u(0.8, 1.4), brow_thick=u(0.008, 0.03), brow_arch=u(-0.04, 0.1),
+        brow_tilt=u(-0.3, 0.3),
+        nose_style=pick(["triangle", "button", "nostrils", "hook"]), nose_y=u(0.1, 0.35), nose_len=u(0.15, 0.4),
+        nose_w=u(0.1, 0.3),
+        mouth_style=pick(["line", "lips", "open"]), mouth_y=u(0.48, 0.7), mouth_w=u(0.25, 0.6),
+        mouth_curve=u(-0.08, 0.14), lip=tuple(int(v) for v in rng.integers([130, 30, 40], [220, 90, 100])),
+        glasses=pick([None, None, None, "round", "square", "shades"]),
+        frame=tuple(int(v) for v in rng.integers(0, 200, 3)),
+        beard=pick([None, None, None, "full", "goatee", "moustache"]),
+        mole=(u(-0.6, 0.6), u(-0.2, 0.6)) if rng.random() < 0.35 else None,
+        blush=rng.random() < 0.3,
+    )
+
+
+def face_outline(cx, cy, a, b, squareness, chin, n=64):
+    """A superellipse (squareness 2 = ellipse) whose lower half narrows towards the chin."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    x = np.sign(np.cos(t)) * np.abs(np.cos(t)) ** (2 / squareness)
+    y = np.sign(np.sin(t)) * np.abs(np.sin(t)) ** (2 / squareness)
+    x = x * (1 - chin * np.clip(y, 0, 1) ** 2)
+    return list(zip(cx + a * x, cy + b * y))
+
+
+def rotated(points, cx, cy, angle):
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + c * x - s * y, cy + s * x + c * y) for x, y in points]
+
+
+def draw_face(draw, t, rng, c):
+    """Draw one face, with this image's expression and shirt, centred on a c x c canvas."""
+    cx, cy = 0.5 * c, 0.46 * c
+    a, b = t["face_w"] * c, t["face_h"] * c
+    skin, hair, dark_skin = t["skin"], t["hair"], tuple(int(v * 0.75) for v in t["skin"])
+    yaw = rng.uniform(-0.15, 0.15)  # turning the head slides the inner features sideways
+    fx = cx + yaw * a
+    style = t["hair_style"]
+
+    # behind the head: long hair or an afro, then neck and a shirt of this image's colour
+    if style == "long":
+        draw.rounded_rectangle((cx - 1.25 * a, cy - 1.1 * b, cx + 1.25 * a, cy + 1.35 * b), radius=a, fill=hair)
+    if style == "afro":
+        draw.ellipse((cx - 1.55 * a, cy - 1.4 * b, cx + 1.55 * a, cy + 0.6 * b), fill=hair)
+    draw.ellipse((cx - 0.48 * c, cy + 0.9 * b, cx + 0.48 * c, cy + 0.9 * b + 0.6 * c),
+                 fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw.rectangle((cx - 0.42 * a, cy + 0.4 * b, cx + 0.42 * a, cy + 1.05 * b), fill=dark_skin)
+
+    # ears, the far one smaller, then the face
+    ew, eh, ey = t["ear"] * a, t["ear"] * 2.2 * b * 0.5, cy + t["ear_y"] * b
+    for side in (-1, 1):
+        w = ew * (1 + side * yaw * 2)
+        draw.ellipse((cx + side * a - w, ey - eh, cx + side * a + w, ey + eh), fill=dark_skin)
+    outline = face_outline(cx, cy, a, b, t["squareness"], t["chin"])
+    draw.polygon(outline, fill=skin)
+    if t["blush"]:
+        for side in (-1, 1):
+            x, y = fx + side * 0.55 * a, cy + 0.3 * b
+            draw.ellipse((x - 0.15 * a, y - 0.08 * b, x + 0.15 * a, y + 0.08 * b), fill=(230, 130, 130))
+
+    # hair on top: a cap down to the hairline, shaped by the style
+    top = cy - t["hairline"] * b
+    if style not in ("bald", "mohawk"):
+        draw.chord((cx - 1.08 * a, cy - 1.12 * b, cx + 1.08 * a, 2 * top - (cy - 1.12 * b)), 180, 360, fill=hair)
+    if style == "fringe":
+        teeth = np.linspace(cx - 0.85 * a, cx + 0.85 * a, 9)
+        draw.polygon([(cx - 0.9 * a, top - 0.05 * b)] + [(x, top + (0.25 if i % 2 else 0.1) * b)
+                     for i, x in enumerate(teeth)] + [(cx + 0.9 * a, top - 0.05 * b)], fill=hair)
+    if style == "side":
+        p = t["part"]
+        draw.polygon([(cx + p * 0.2 * a, top - 0.2 * b), (cx - p * 1.0 * a, top - 0.1 * b),
+                      (cx - p * 0.95 * a, top + 0.45 * b)], fill=hair)
+    if style == "mohawk":
+        spikes = np.linspace(-0.35 * a, 0.35 * a, 5)
+        draw.polygon([(cx - 0.4 * a, cy - 0.85 * b)] + [(cx + x, cy - (1.35 if i % 2 == 0 else 1.1) * b)
+                     for i, x in enumerate(spikes)] + [(cx + 0.4 * a, cy - 0.85 * b)], fill=hair)
+
+    # brows and eyes, mirrored, with this image's gaze, openness and brow raise
+    eye_y, gap, w = cy - t["eye_y"] * b, t["eye_gap"] * a, t["eye_w"] * a
+    openness = 0.15 if rng.random() < 0.05 else rng.uniform(0.6, 1.1)
+    gaze = rng.uniform(-0.35, 0.35) * w
+    raise_ = rng.uniform(-0.03, 0.05) * b
+    x = np.linspace(-1, 1, 12)
+    for side in (-1, 1):
+        ex = fx + side * gap * (1 - side * yaw)
+        h = w * t["eye_h"]
+        upper = [(w * v, -h * openness * (1 - v * v) ** 0.7) for v in x]
+        lower = [(w * v, 0.6 * h * openness * (1 - v * v) ** 0.9) for v in x[::-1]]
+        eye = rotated(upper + lower, ex, eye_y, -side * t["eye_tilt"])
+        draw.polygon(eye, fill=(245, 245, 240), outline=(20, 20, 20) if t["liner"] else None,
+                     width=max(1, int(0.012 * c)))
+        r = h * t["iris"] * min(1.0, openness * 1.3)
+        draw.ellipse((ex + gaze - r, eye_y - r, ex + gaze + r, eye_y + r), fill=t["eye_colour"])
+        draw.ellipse((ex + gaze - r / 2.5, eye_y - r / 2.5, ex + gaze + r / 2.5, eye_y + r / 2.5), fill=(10, 10, 10))
+        by, bw = eye_y - h - t["brow_gap"] * b - raise_, w * t["brow_w"]
+        brow = [(-bw, 0), (0, -t["brow_arch"] * b), (bw, 0)]
+        draw.line(rotated(brow, ex, by, -side * t["brow_tilt"]), fill=tuple(int(v * 0.7) for v in hair),
+                  width=max(1, int(t["brow_thick"] * c)), joint="curve")
+
+    # nose
+    ny, nl, nw = cy + t["nose_y"] * b, t["nose_len"] * b, t["nose_w"] * a
+    line = max(1, int(0.012 * c))
+    if t["nose_style"] == "triangle":
+        draw.line([(fx, ny - nl), (fx - nw, ny), (fx + nw, ny)], fill=dark_skin, width=line)
+    elif t["nose_style"] == "button":
+        draw.ellipse((fx - nw, ny - 0.5 * nw, fx + nw, ny + 0.5 * nw), fill=dark_skin)
+    elif t["nose_style"] == "nostrils":
+        draw.line([(fx, ny - nl), (fx, ny - 0.2 * nl)], fill=dark_skin, width=line)
+        for side in (-1, 1):
+            x = fx + side * 0.5 * nw
+            draw.ellipse((x - 0.25 * nw, ny - 0.15 * nw, x + 0.25 * nw, ny + 0.15 * nw), fill=(60, 30, 30))
+    else:
+        draw.line([(fx - 0.2 * nw, ny - nl), (fx + 0.3 * nw, ny - 0.2 * nl), (fx + 0.6 * nw, ny),
+                   (fx - 0.3 * nw, ny)], fill=dark_skin, width=line, joint="curve")
+
+    # beard under the mouth, then the mouth with this image's smile
+    my, mw = cy + t["mouth_y"] * b, t["mouth_w"] * a
+    curve = (t["mouth_curve"] + rng.uniform(-0.04, 0.04)) * b
+    if t["beard"] == "full":
+        draw.polygon([p for p in outline if p[1] > cy + 0.2 * b], fill=hair)
+    elif t["beard"] == "goatee":
+        draw.ellipse((fx - 0.3 * mw, my + 0.05 * b, fx + 0.3 * mw, my + 0.35 * b), fill=hair)
+    if t["beard"] in ("full", "moustache"):
+        draw.line([(fx - 0.9 * mw, my), (fx, my - 0.12 * b), (fx + 0.9 * mw, my)], fill=hair,
+                  width=max(1, int(0.03 * c)), joint="curve")
+    x = np.linspace(-1, 1, 12)
+    smile = [(fx + mw * v, my + curve * (v * v - 1)) for v in x]
+    if t["mouth_style"] == "line":
+        draw.line(smile, fill=(90, 30, 30), width=max(1, int(0.014 * c)), joint="curve")
+    else:
+        depth = (0.12 if t["mouth_style"] == "lips" else 0.22) * b
+        lower = [(fx + mw * v, my + curve * (v * v - 1) + depth * (1 - v * v)) for v in x[::-1]]
+        draw.polygon(smile + lower, fill=t["lip"] if t["mouth_style"] == "lips" else (50, 10, 10))
+
+    if t["mole"]:
+        mx, my = fx + t["mole"][0] * a, cy + t["mole"][1] * b
+        draw.ellipse((mx - 0.012 * c, my - 0.012 * c, mx + 0.012 * c, my + 0.012 * c), fill=(50, 30, 20))
+
+    # glasses over everything
+    if t["glasses"]:
+        r, frame = w * 1.35, t["frame"]
+        for side in (-1, 1):
+            ex = fx + side * gap * (1 - side * yaw)
+            box = (ex - r, eye_y - 0.8 * r, ex + r, eye_y + 0.8 * r)
+            if t["glasses"] == "round":
+                draw.ellipse(box, outline=frame, width=max(1, int(0.012 * c)))
+            else:
+                draw.rectangle(box, outline=frame, width=max(1, int(0.012 * c)),
+                               fill=(20, 20, 25) if t["glasses"] == "shades" else None)
+        draw.line([(fx - gap + r, eye_y), (fx + gap - r, eye_y)], fill=frame, width=max(1, int(0.012 * c)))
+
+
+def background(rng, size):
+    """A blend of four random corner colours, cluttered with random shapes half the time."""
+    corners = rng.integers(0, 256, (2, 2, 3)).astype(np.uint8)
+    image = Image.fromarray(corners).resize((size, size), Image.BILINEAR)
+    if rng.random() < 0.5:
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.integers(3, 12)):
+            (x0, x1), (y0, y1) = np.sort(rng.uniform(-0.2, 1.2, (2, 2)) * size)
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            [draw.rectangle, draw.ellipse][rng.integers(2)]((x0, y0, x1, y1), fill=colour)
+    return image
+
+
+def pose(rng, size):
+    """Affine map from an output pixel to the face drawn at twice the size: a random rotation,
+    scale and shift, and the halving, which antialiases the drawn shapes."""
+    angle, scale = rng.uniform(-0.35, 0.35), rng.uniform(0.8, 1.15)
+    tx, ty = rng.uniform(-0.12, 0.12, 2) * size
+    cos, sin = 2 * math.cos(angle) / scale, 2 * math.sin(angle) / scale
+    o = size / 2
+    return (cos, sin, size - cos * (o + tx) - sin * (o + ty), -sin, cos, size + sin * (o + tx) - cos * (o + ty))
+
+
+def render(traits, rng, size):
+    """One photo of an identity: a face on a background, posed, lit, blurred and noisy."""
+    image = background(rng, size)
+    face = Image.new("RGBA", (2 * size, 2 * size))
+    draw_face(ImageDraw.Draw(face), traits, rng, 2 * size)
+    face = face.convert("RGBa").transform((size, size), Image.AFFINE, pose(rng, size), Image.BILINEAR)
+    face = face.convert("RGBA")
+    image.paste(face, (0, 0), face)
+    if rng.random() < 0.3:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0) * size / 64))
+    if rng.random() < 0.1:
+        image = image.convert("L").convert("RGB")
+    # lighting: white balance, brightness and contrast, light from one side, sensor noise
+    x = np.asarray(image, np.float32) / 255 * rng.uniform(0.75, 1.25, 3).astype(np.float32)
+    x = (x - 0.5) * rng.uniform(0.7, 1.3) + 0.5 + rng.uniform(-0.15, 0.15)
+    angle, ramp = rng.uniform(0, 2 * np.pi), np.linspace(-1, 1, size, dtype=np.float32)
+    x *= 1 + rng.uniform(0, 0.4) * (ramp[None, :, None] * math.cos(angle) + ramp[:, None, None] * math.sin(angle))
+    x += rng.uniform(0.01, 0.05) * rng.standard_normal(x.shape, dtype=np.float32)
+    return Image.fromarray((np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def write_image(job):
+    """Pool worker: the image's RNG comes from its own coordinates, so workers never share state."""
+    path, seed, split, identity, index, size = job
+    rng = np.random.default_rng([seed, SPLIT_STREAMS[split], identity, index])
+    render(identity_traits(seed, identity), rng, size).save(path, quality=int(rng.integers(30, 96)))
+
+
+# -----------------------------------------------------------------------------
+# the data set
+
+def check_arguments(identities, train_per_identity, dev_per_identity, test_per_identity, image_size, seed,
+                    mislabel_rate, verification_identities, pairs):
+    if identities < 2:
+        raise ValueError(f"identities must be at least 2, got {identities}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be at least 32, got {image_size}")
+    if train_per_identity < 1:
+        raise ValueError(f"train_per_identity must be at least 1, got {train_per_identity}")
+    for name, value in [("dev_per_identity", dev_per_identity), ("test_per_identity", test_per_identity),
+                        ("seed", seed), ("verification_identities", verification_identities), ("pairs", pairs)]:
+        if value < 0:
+            raise ValueError(f"{name} must not be negative, got {value}")
+    if not 0 <= mislabel_rate < 1:
+        raise ValueError(f"mislabel_rate must be in [0, 1), got {mislabel_rate}")
+    if (verification_identities > 0) != (pairs > 0):
+        raise ValueError("verification_identities and pairs must both be positive or both be 0")
+    if verification_identities == 1:
+        raise ValueError("verification needs at least 2 identities to form different pairs")
+    if verification_identities and test_per_identity < 2:
+        raise ValueError("verification identities get test_per_identity images each, which must be at least 2")
+
+
+def file_names(seed, split, n):
+    """Shuffled numbers, so that the order of the file names does not follow the identities."""
+    order = np.random.default_rng([seed, NAME_STREAM, SPLIT_STREAMS[split]]).permutation(n)
+    return [f"{k:06d}.jpg" for k in order]
+
+
+def plan(root, seed, identities, train_per_identity, dev_per_identity, test_per_identity, image_size,
+         mislabel_rate, verification_identities, pairs):
+    """Every image to draw as a worker job, and the rows of the csv files that describe them."""
+    jobs, tables = [], {"test_labels.csv": [("id", "label")], "mislabelled.csv": [("path", "label")],
+                        "verification_pairs.csv": [("img1", "img2", "same")]}
+    images = lambda ids, per: [(i, k) for i in ids for k in range(per)]
+
+    train = images(range(identities), train_per_identity)
+    rng = np.random.default_rng([seed, MISLABEL_STREAM])
+    wrong = rng.choice(len(train), round(mislabel_rate * len(train)), replace=False)
+    folders = [identity for identity, _ in train]
+    for j, shift in zip(wrong, rng.integers(1, identities, len(wrong))):
+        folders[j] = (folders[j] + shift) % identities
+    for (identity, k), folder, name in zip(train, folders, file_names(seed, "train", len(train))):
+        path = f"train/{identity_name(folder)}/{name}"
+        jobs.append((path, "train", identity, k))
+        if folder != identity:
+            tables["mislabelled.csv"].append((path, identity_name(identity)))
+
+    dev = images(range(identities), dev_per_identity)
+    for (identity, k), name in zip(dev, file_names(seed, "dev", len(dev))):
+        jobs.append((f"dev/{identity_name(identity)}/{name}", "dev", identity, k))
+
+    test = images(range(identities), test_per_identity)
+    for (identity, k), name in sorted(zip(test, file_names(seed, "test", len(test))), key=lambda row: row[1]):
+        jobs.append((f"test/{name}", "test", identity, k))
+        tables["test_labels.csv"].append((name, identity_name(identity)))
+
+    # verification identities are numbered after the training ones, so no one in train appears here
+    unseen = images(range(identities, identities + verification_identities), test_per_identity)
+    names = dict(zip(unseen, file_names(seed, "verification", len(unseen))))
+    for (identity, k), name in names.items():
+        jobs.append((f"verification/{name}", "verification", identity, k))
+    rng = np.random.default_rng([seed, PAIR_STREAM])
+    for p in range(pairs):
+        if p % 2 == 0:  # alternate same and different, for a balanced set
+            i, (k1, k2) = rng.integers(verification_identities), rng.choice(test_per_identity, 2, replace=False)
+            row = (names[identities + i, k1], names[identities + i, k2], 1)
+        else:
+            i1, i2 = rng.choice(verification_identities, 2, replace=False)
+            k1, k2 = rng.integers(test_per_identity, size=2)
+            row = (names[identities + i1, k1], names[identities + i2, k2], 0)
+        tables["verification_pairs.csv"].append(row)
+    if not verification_identities:
+        del tables["verification_pairs.csv"]
+
+    jobs = [(str(root / path), seed, split, identity, k, image_size) for path, split, identity, k in jobs]
+    return jobs, tables
+
+
+def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10,
+             image_size=112, seed=0, mislabel_rate=0.0, verification_identities=0, pairs=0, workers=None):
+    """Write the data set to out_dir and return its counts; if out_dir already holds the same set,
+    return at once. Raises ValueError for bad arguments or an out_dir holding anything else."""
+    arguments = dict(identities=int(identities), train_per_identity=int(train_per_identity),
+                     dev_per_identity=int(dev_per_identity), test_per_identity=int(test_per_identity),
+                     image_size=int(image_size), seed=int(seed), mislabel_rate=float(mislabel_rate),
+                     verification_identities=int(verification_identities), pairs=int(pairs))
+    check_arguments(**arguments)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    workers = workers or os.cpu_count() or 1
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MARKER).is_file():
+            raise ValueError(f"{out_dir} is not empty and holds no synthetic face set; choose another directory")
+        stored = json.loads((out_dir / MARKER).read_text())
+        if stored["version"] != FORMAT_VERSION or stored["arguments"] != arguments:
+            differ = [f"{k}={v} (wanted {arguments[k]})" for k, v in stored["arguments"].items()
+                      if arguments.get(k) != v]
+            raise ValueError(f"{out_dir} holds a synthetic face set made with other arguments "
+                             f"({', '.join(differ) or 'older version'}); choose another directory or delete it")
+        return stored["counts"]
+
+    # draw into a hidden sibling and rename it at the end: an interrupted run leaves no half set behind
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)
+        jobs, tables = plan(tmp, **arguments)
+        for path in {Path(job[0]).parent for job in jobs}:
+            path.mkdir(parents=True, exist_ok=True)
+        with Pool(workers) if workers > 1 else nullcontext() as pool:
+            done = pool.imap_unordered(write_image, jobs, chunksize=16) if pool else map(write_image, jobs)
+            for _ in tqdm(done, total=len(jobs), desc="drawing faces", unit="img", disable=None):
+                pass
+        for name, rows in tables.items():
+            with open(tmp / name, "w", newline="") as f:
+                csv.writer(f).writerows(rows)
+        splits = [job[2] for job in jobs]
+        counts = {split: splits.count(split) for split in SPLIT_STREAMS}
+        counts.update(pairs=pairs, mislabelled=len(tables["mislabelled.csv"]) - 1)
+        marker = dict(version=FORMAT_VERSION, arguments=arguments, counts=counts)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts
+
+
+# -----------------------------------------------------------------------------
+# the baseline the set must defeat
+
+def linear_probe_accuracy(data_dir, image_size=32, weight_decay=1e-3, steps=300):
+    """Dev accuracy of multinomial logistic regression on standardised raw pixels, fit by L-BFGS.
+    A good data set keeps this far below what a CNN reaches."""
+    import torch  # here, not on top: the command that only draws starts faster without it
+
+    def load(split):
+        paths = sorted(Path(data_dir, split).glob("*/*.jpg"))
+        pixels = [np.asarray(Image.open(p).convert("RGB").resize((image_size, image_size), Image.BILINEAR))
+                  for p in paths]
+        return torch.tensor(np.stack(pixels), dtype=torch.float32).flatten(1), [p.parent.name for p in paths]
+
+    x_train, train_names = load("train")
+    x_dev, dev_names = load("dev")
+    classes = {name: i for i, name in enumerate(sorted(set(train_names)))}
+    y_train, y_dev = (torch.tensor([classes[n] for n in names]) for names in (train_names, dev_names))
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-3
+    x_train, x_dev = (x_train - mean) / std, (x_dev - mean) / std
+    # the optimal weights lie in the span of the training images: fitting in an orthonormal basis
+    # of that span is exact, and much cheaper when pixels outnumber images
+    eigenvalues, vectors = torch.linalg.eigh(x_train @ x_train.T)
+    keep = eigenvalues > 1e-6 * eigenvalues.max()
+    basis = x_train.T @ (vectors[:, keep] / eigenvalues[keep].sqrt())
+    x_train, x_dev = x_train @ basis, x_dev @ basis
+    model = torch.nn.Linear(x_train.shape[1], len(classes))
+    optimiser = torch.optim.LBFGS(model.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimiser.zero_grad()
+        value = torch.nn.functional.cross_entropy(model(x_train), y_train) + weight_decay * model.weight.square().sum()
+        value.backward()
+        return value
+
+    optimiser.step(loss)
+    with torch.no_grad():
+        return (model(x_dev).argmax(1) == y_dev).float().mean().item()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Draw a synthetic face data set in the HW2P2 layout.")
+    parser.add_argument("--out", required=True, type=Path, help="directory to create (or reuse, if identical)")
+    parser.add_argument("--identities", type=int, default=50)
+    parser.add_argument("--train-per-identity", type=int, default=40)
+    parser.add_argument("--dev-per-identity", type=int, default=10)
+    parser.add_argument("--test-per-identity", type=int, default=10,
+                        help="also the number of images of each verification identity")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mislabel-rate", type=float, default=0.0, help="fraction of train images filed wrongly")
+    parser.add_argument("--verification-identities", type=int, default=0, help="identities absent from train")
+    parser.add_argument("--pairs", type=int, default=0, help="verification pairs, half same, half different")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        counts = generate(args.out, args.identities, args.train_per_identity, args.dev_per_identity,
+                          args.test_per_identity, args.image_size, args.seed, args.mislabel_rate,
+                          args.verification_identities, args.pairs, args.workers)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{args.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" ({time.perf_counter() - start:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The synthetic face set: layout, determinism, reuse, label noise, and that identity lives in the
+face geometry rather than in the pixels a linear model can read."""
+
+import csv
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import synthetic_faces as sf
+
+SMALL = dict(identities=4, train_per_identity=5, dev_per_identity=2, test_per_identity=3, image_size=32,
+             verification_identities=3, pairs=8, workers=1)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def file_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faces") / "set"
+    return out, sf.generate(out, **SMALL)
+
+
+def test_layout_and_counts(small):
+    out, counts = small
+    assert counts == dict(train=20, dev=8, test=12, verification=9, pairs=8, mislabelled=0)
+    names = [sf.identity_name(i) for i in range(4)]
+    assert names == ["n000001", "n000002", "n000003", "n000004"]
+    for split, per in [("train", 5), ("dev", 2)]:
+        assert sorted(p.name for p in (out / split).iterdir()) == names
+        assert all(len(list((out / split / name).glob("*.jpg"))) == per for name in names)
+    test = sorted(p.name for p in (out / "test").iterdir())
+    assert len(test) == 12 and all(re.fullmatch(r"\d{6}\.jpg", name) for name in test)
+    labels = read_csv(out / "test_labels.csv")
+    assert [row["id"] for row in labels] == test
+    assert sorted(row["label"] for row in labels) == sorted(names * 3)
+    assert read_csv(out / "mislabelled.csv") == []
+    for path in [*(out / "train").glob("*/*.jpg"), *(out / "test").glob("*.jpg")][:6]:
+        image = Image.open(path)
+        assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_verification_pairs_are_balanced_and_unseen(small):
+    out, _ = small
+    pairs = read_csv(out / "verification_pairs.csv")
+    assert len(pairs) == 8 and sum(int(row["same"]) for row in pairs) == 4
+    # who is in each verification image, from the plan the files were written from
+    jobs, _ = sf.plan(out, seed=0, mislabel_rate=0.0, **{k: v for k, v in SMALL.items() if k != "workers"})
+    who = {Path(job[0]).name: job[3] for job in jobs if job[2] == "verification"}
+    assert set(who) == {p.name for p in (out / "verification").iterdir()}
+    assert min(who.values()) >= SMALL["identities"]  # no verification identity is in train
+    assert all((who[row["img1"]] == who[row["img2"]]) == (row["same"] == "1") for row in pairs)
+    assert all(row["img1"] != row["img2"] for row in pairs)
+
+
+def test_same_seed_gives_same_bytes_whatever_the_workers(small, tmp_path):
+    out, _ = small
+    sf.generate(tmp_path / "again", **{**SMALL, "workers": 2})
+    assert file_bytes(tmp_path / "again") == file_bytes(out)
+    sf.generate(tmp_path / "other", **{**SMALL, "seed": 1})
+    other = file_bytes(tmp_path / "other")
+    assert other.keys() - {".synthetic_faces.json"} and other != file_bytes(out)
+    assert (tmp_path / "other/test/000000.jpg").read_bytes() != (out / "test/000000.jpg").read_bytes()
+
+
+def test_reuses_an_identical_set_and_refuses_anything_else(small, tmp_path):
+    out, counts = small
+    start = time.perf_counter()
+    assert sf.generate(out, **SMALL) == counts
+    assert time.perf_counter() - start < 0.5
+    with pytest.raises(ValueError, match="other arguments"):
+        sf.generate(out, **{**SMALL, "seed": 7})
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        sf.generate(mine, **SMALL)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    assert sf.generate(tmp_path / "empty", **SMALL) == counts  # an empty directory is fine
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_an_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
+    def fail(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sf, "write_image", fail)
+    with pytest.raises(KeyboardInterrupt):
+        sf.generate(tmp_path / "set", **SMALL)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mislabel_rate_moves_that_fraction_of_train_images(tmp_path):
+    out = tmp_path / "noisy"
+    counts = sf.generate(out, identities=5, train_per_identity=20, dev_per_identity=0, test_per_identity=0,
+                         image_size=32, mislabel_rate=0.2, workers=1)
+    rows = read_csv(out / "mislabelled.csv")
+    assert counts["mislabelled"] == len(rows) == 20
+    assert len(list((out / "train").glob("*/*.jpg"))) == 100
+    for row in rows:
+        path = out / row["path"]
+        assert path.is_file() and path.parent.name != row["label"]
+
+
+def test_identities_differ_more_than_draws_of_one_identity():
+    def mean_face(identity, draws):  # the centre of the mean image, where the face is
+        traits = sf.identity_traits(0, identity)
+        images = [sf.render(traits, np.random.default_rng([0, 1, identity, k]), 32) for k in draws]
+        return np.mean([np.asarray(image, np.float32)[8:-8, 8:-8] for image in images], 0)
+
+    for a, b in [(0, 1), (2, 3), (4, 5)]:
+        first, second, other = mean_face(a, range(40)), mean_face(a, range(40, 80)), mean_face(b, range(40))
+        assert np.abs(first - other).mean() > 1.3 * np.abs(first - second).mean()
+
+
+def test_a_linear_model_on_pixels_stays_far_from_the_identities(tmp_path):
+    out = tmp_path / "probe"
+    sf.generate(out, identities=20, train_per_identity=15, dev_per_identity=10, test_per_identity=0,
+                image_size=32, workers=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny problem: more threads only stall on a busy machine
+    try:
+        accuracy = sf.linear_probe_accuracy(out, image_size=32)
+    finally:
+        torch.set_num_threads(threads)
+    assert 1 / 20 < accuracy <= 0.4  # above chance, far below what a CNN reaches
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--identities", "1"], "identities must be at least 2"),
+    (["--image-size", "16"], "image_size must be at least 32"),
+    (["--dev-per-identity", "-1"], "dev_per_identity must not be negative"),
+    (["--mislabel-rate", "1"], "mislabel_rate must be in [0, 1)"),
+    (["--pairs", "5"], "both be positive"),
+])
+def test_command_rejects_bad_arguments_in_one_line(tmp_path, flags, message):
+    result = subprocess.run([sys.executable, sf.__file__, "--out", str(tmp_path / "set"), *flags],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "set").exists()
+
+
+def test_command_writes_a_set_then_refuses_a_foreign_directory(tmp_path):
+    command = [sys.executable, sf.__file__, "--identities", "2", "--train-per-identity", "1",
+               "--dev-per-identity", "1", "--test-per-identity", "1", "--image-size", "32", "--workers", "1"]
+    result = subprocess.run(command + ["--out", str(tmp_path / "set")], capture_output=True, text=True)
+    assert result.returncode == 0 and "2 train" in result.stdout
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/photo.jpg").write_bytes(b"mine")
+    result = subprocess.run(command + ["--out", str(tmp_path / "mine")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert (tmp_path / "mine/photo.jpg").read_bytes() == b"mine"
