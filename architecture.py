@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-from residual_blocks import ConvNeXtBlock, InvertedBottleneck
+from residual_blocks import ConvNeXtBlock, InvertedBottleneck, ReLU6InPlace
 
 NUM_CLASSES = 7001
 WIDTHS = (80, 160, 320, 640)
@@ -32,7 +32,7 @@ class Stem(nn.Module):
             pool = []
         else:
             raise ValueError(f"stem must be 'classic' or 'patchify', got {kind!r}")
-        self.layers = nn.Sequential(conv, nn.ReLU6(), nn.BatchNorm2d(out_channels), *pool)
+        self.layers = nn.Sequential(conv, ReLU6InPlace(), nn.BatchNorm2d(out_channels), *pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -47,7 +47,8 @@ class Body(nn.Module):
         if len(widths) != len(depths):
             raise ValueError(f"widths {widths} and depths {depths} must have the same length")
         # stochastic depth grows linearly with block index, as in ConvNeXt
-        rates = torch.linspace(0, drop_path, sum(depths)).tolist()
+        blocks = sum(depths)
+        rates = [drop_path * i / max(blocks - 1, 1) for i in range(blocks)]
         layers = []
         for stage, (width, depth) in enumerate(zip(widths, depths)):
             for _ in range(depth):

@@ -148,7 +148,10 @@ def main(argv=None) -> int:
     if args.demo:
         from synthetic_faces import generate
 
-        generate(args.data_dir, **DEMO_DATA, seed=args.seed)
+        try:
+            generate(args.data_dir, **DEMO_DATA, seed=args.seed)
+        except ValueError as error:  # e.g. the folder holds something else: the user's files stay
+            raise DataError(str(error)) from error
     if not args.data_dir.is_dir():
         raise DataError(f"no data directory at {args.data_dir}: {KAGGLE_HELP}")
     L.seed_everything(args.seed, workers=True, verbose=False)

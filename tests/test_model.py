@@ -157,3 +157,96 @@ def test_summary_lists_parts_and_total():
     text = summary(FaceNN(num_classes=10, **TINY), image_size=64)
     assert "stem" in text and "body" in text and "head" in text
     assert "32x2x2" in text  # body output at 64 px: downsampled by 32
+
+
+def reference_facenn(num_classes: int, widths, depths) -> nn.Sequential:
+    """The seed's network written plainly: every 1x1 convolution a Conv2d, nothing in place."""
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.branch = nn.Sequential(
+                nn.Conv2d(c, c, 7, padding=3, groups=c), nn.BatchNorm2d(c),
+                nn.Conv2d(c, 4 * c, 1), nn.GELU(), nn.Conv2d(4 * c, c, 1),
+            )
+
+        def forward(self, x):
+            return x + self.branch(x)
+
+    layers = [nn.Conv2d(3, widths[0], 7, 2, 3), nn.ReLU6(), nn.BatchNorm2d(widths[0]), nn.MaxPool2d(3, 2, 1)]
+    for stage, (width, depth) in enumerate(zip(widths, depths)):
+        layers += [Block(width) for _ in range(depth)] + [nn.BatchNorm2d(width)]
+        if stage + 1 < len(widths):
+            hidden, out = 6 * width, widths[stage + 1]
+            layers += [
+                nn.Conv2d(width, hidden, 1), nn.ReLU6(), nn.BatchNorm2d(hidden),
+                nn.Conv2d(hidden, hidden, 3, 2, 1, groups=hidden), nn.ReLU6(), nn.BatchNorm2d(hidden),
+                nn.Conv2d(hidden, out, 1), nn.BatchNorm2d(out),
+            ]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], widths[-1]), nn.ReLU(),
+               nn.Linear(widths[-1], num_classes)]
+    return nn.Sequential(*layers)
+
+
+def assert_near(actual: torch.Tensor, expected: torch.Tensor, name: str, rtol: float = 1e-4):
+    """Close as a whole: gradients sum over batch and pixels in another order, and some (a conv
+    bias before a BatchNorm) are rounding noise around zero."""
+    error, scale = (actual - expected).norm().item(), expected.norm().item()
+    assert error <= rtol * scale + 1e-6, f"{name}: |difference| {error:.2e}, |expected| {scale:.2e}"
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("config", [TINY, {}], ids=["tiny", "seed"])
+def test_facenn_computes_what_the_plain_reference_computes(config, memory_format):
+    """Same outputs, gradients and BatchNorm statistics as the plain network with copied weights,
+    in training and in eval mode."""
+    widths, depths = config.get("widths", (80, 160, 320, 640)), config.get("depths", (2, 2, 6, 2))
+    model = FaceNN(num_classes=10, **config)
+    reference = reference_facenn(10, widths, depths)
+    ours, theirs = model.state_dict().values(), reference.state_dict().values()
+    assert [t.numel() for t in ours] == [t.numel() for t in theirs]
+    with torch.no_grad():
+        for mine, other in zip(ours, theirs):
+            other.copy_(mine.view_as(other))
+    model, reference = model.to(memory_format=memory_format), reference.to(memory_format=memory_format)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=memory_format)
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+
+    outputs = [net(i) for net, i in zip((model, reference), inputs)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+    for out in outputs:
+        nn.functional.cross_entropy(out, torch.arange(4)).backward()
+    assert_near(inputs[0].grad, inputs[1].grad, "input")
+    for (name, mine), other in zip(model.named_parameters(), reference.parameters()):
+        assert_near(mine.grad.view_as(other.grad), other.grad, name)
+    for mine, other in zip(model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(mine.view_as(other), other, rtol=1e-4, atol=1e-6)  # running statistics
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_forward_copies_no_tensor():
+    """With channels_last weights and input, every permute is a view: no operator copies a tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = FaceNN(num_classes=10, **TINY).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with Ops() as ops:
+        model(x)
+    assert not [name for name in ops.names if name.split(".")[0] in ("clone", "copy_", "contiguous", "_to_copy")]
+
+
+def test_facenn_compiles_without_graph_breaks():
+    model = FaceNN(num_classes=10, **TINY)
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
