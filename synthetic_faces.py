@@ -112,7 +112,7 @@ def draw_face(draw, t, rng, c):
     draw.rectangle((cx - 0.42 * a, cy + 0.4 * b, cx + 0.42 * a, cy + 1.05 * b), fill=dark_skin)
 
     # ears, the far one smaller, then the face
-    ew, eh, ey = t["ear"] * a, t["ear"] * 2.2 * b * 0.5, cy + t["ear_y"] * b
+    ew, eh, ey = t["ear"] * a, 1.1 * t["ear"] * b, cy + t["ear_y"] * b
     for side in (-1, 1):
         w = ew * (1 + side * yaw * 2)
         draw.ellipse((cx + side * a - w, ey - eh, cx + side * a + w, ey + eh), fill=dark_skin)
