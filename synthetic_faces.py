@@ -363,15 +363,7 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file, not a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / MARKER).is_file():
-            raise ValueError(f"{out_dir} is not empty and holds no synthetic face set; choose another directory")
-        stored = json.loads((out_dir / MARKER).read_text())
-        if stored["version"] != FORMAT_VERSION or stored["arguments"] != arguments:
-            differ = [f"{k}={v} (wanted {arguments[k]})" for k, v in stored["arguments"].items()
-                      if arguments.get(k) != v]
-            raise ValueError(f"{out_dir} holds a synthetic face set made with other arguments "
-                             f"({', '.join(differ) or 'older version'}); choose another directory or delete it")
-        return stored["counts"]
+        return existing_set(out_dir, arguments)
 
     # draw into a hidden sibling and rename it at the end: an interrupted run leaves no half set behind
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -393,13 +385,31 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
         counts.update(pairs=pairs, mislabelled=len(tables["mislabelled.csv"]) - 1)
         marker = dict(version=FORMAT_VERSION, arguments=arguments, counts=counts)
         (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
+        try:
+            tmp.rename(out_dir)  # replaces an empty directory
+        except OSError:
+            if not (out_dir / MARKER).is_file():
+                raise
+            # another process (a rank of a multi-process launch) finished the same set first
+            counts = existing_set(out_dir, arguments)
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return counts
+
+
+def existing_set(out_dir: Path, arguments: dict) -> dict:
+    """The counts of the set already in out_dir, if it was made with these arguments."""
+    if not (out_dir / MARKER).is_file():
+        raise ValueError(f"{out_dir} is not empty and holds no synthetic face set; choose another directory")
+    stored = json.loads((out_dir / MARKER).read_text())
+    if stored["version"] != FORMAT_VERSION or stored["arguments"] != arguments:
+        differ = [f"{k}={v} (wanted {arguments[k]})" for k, v in stored["arguments"].items()
+                  if arguments.get(k) != v]
+        raise ValueError(f"{out_dir} holds a synthetic face set made with other arguments "
+                         f"({', '.join(differ) or 'older version'}); choose another directory or delete it")
+    return stored["counts"]
 
 
 # -----------------------------------------------------------------------------

@@ -165,3 +165,21 @@ def test_command_writes_a_set_then_refuses_a_foreign_directory(tmp_path):
     result = subprocess.run(command + ["--out", str(tmp_path / "mine")], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert (tmp_path / "mine/photo.jpg").read_bytes() == b"mine"
+
+
+def test_many_processes_generating_at_once_write_one_set(tmp_path):
+    """Every rank of a multi-process launch may call generate: one set lands, none fails."""
+    code = (
+        "import sys; from synthetic_faces import generate; "
+        "print(generate(sys.argv[1], identities=3, train_per_identity=2, dev_per_identity=1, "
+        "test_per_identity=2, image_size=32, workers=1))"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "set")], cwd=repo, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0]
+    assert len(set(outputs)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # no partial folders left
