@@ -1,0 +1,352 @@
+"""How fast FaceNN trains and predicts against torchvision's ConvNeXt, how fast its data path is,
+and how much memory a training step at the seed's batch size needs. One command, one table:
+
+    python bench.py                          # CPU: batch 16, 224 px
+    python bench.py --device cuda            # GPU: 16-mixed (fp16 autocast + GradScaler)
+    python bench.py --data-dir data/train    # time the data path on real JPEGs
+
+Every setting (model x memory layout x eager/compiled) takes a warm-up step (where torch.compile
+compiles), then the settings take turns for --repeats rounds, so that other work on the machine
+slows them alike; the table shows medians and ratios against the reference, torchvision's ConvNeXt
+at FaceNN's widths and depths in NCHW, eager. A train step is forward, cross-entropy over the
+classes, backward and a fused AdamW step; its FLOPs (forward and backward) come from torch's
+FlopCounterMode. Progress goes to stderr, the report to stdout. On the 2-core CPU the defaults take
+about 4.5 minutes, plus about 1.5 for torch.compile the first time (inductor caches its kernels).
+"""
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+from architecture import NUM_CLASSES, FaceNN, convnext_baseline
+from data import KAGGLE_MEAN, KAGGLE_STD, decode_transform, load_rgb, train_transform
+from synthetic_faces import generate
+
+MODELS = {"FaceNN": FaceNN, "ConvNeXt": convnext_baseline}
+REFERENCE = ("ConvNeXt", "NCHW", "eager")
+LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+TARGET_SPEED, TARGET_FLOPS = 1.17, 1.10  # FaceNN's fastest setting against the reference
+GPU_MEMORY = 16e9  # the seed's GPU
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# FLOPs
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None) -> int:
+    """The input gradient and the weight gradient of a convolution each cost its forward FLOPs.
+
+    torch's own formula leaves `groups` out of the weight gradient, which counts a depthwise
+    convolution's weight gradient once per channel: FaceNN's training step would be 49 GFLOP per
+    image instead of 16, ConvNeXt's 36 instead of 13."""
+    forward = conv_flop_count(grad_out_shape if transposed else x_shape, w_shape,
+                              x_shape if transposed else grad_out_shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def train_flops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """FLOPs of one forward and backward pass (matmuls and convolutions, as torch counts them)."""
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
+    with counter:
+        F.cross_entropy(model(images), labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+# -----------------------------------------------------------------------------
+# speed
+
+def autocast(device: torch.device):
+    """fp16 autocast on a GPU (the project's 16-mixed); fp32 on CPU, where fp16 and bf16 are slower."""
+    return torch.autocast(device.type, torch.float16, enabled=device.type == "cuda")
+
+
+def train_step(model, images, labels, compiled: bool):
+    """A function running one training step of `model` on the batch, with its own optimizer."""
+    device = images.device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    forward = torch.compile(model) if compiled else model
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = F.cross_entropy(forward(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def inference_step(model, images):
+    """A function computing the logits of the batch in eval mode, without autograd."""
+    model.eval()
+
+    def step():
+        with torch.inference_mode(), autocast(images.device):
+            model(images)
+    return step
+
+
+def time_interleaved(steps: dict, warmup: int, repeats: int, sync) -> tuple[dict, dict]:
+    """Seconds of each step's first `warmup` calls together, and the median of its next `repeats`
+    calls, the steps taking turns call by call."""
+    warmups, times = {}, {name: [] for name in steps}
+    for name, step in steps.items():
+        log(f"warm-up: {' '.join(name)}")
+        start = time.perf_counter()
+        for _ in range(warmup):
+            step()
+            sync()
+        warmups[name] = time.perf_counter() - start
+    for round_ in range(repeats):
+        log(f"round {round_ + 1}/{repeats}")
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return warmups, {name: statistics.median(t) for name, t in times.items()}
+
+
+# -----------------------------------------------------------------------------
+# data path
+
+def images_per_second(transform, files: list[Path], repeats: int) -> float:
+    """Images one DataLoader worker decodes (and transforms) per second: one process, one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for path in files:
+                transform(load_rgb(path))
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return len(files) / statistics.median(times)
+
+
+def data_rates(data_dir: str | None, count: int, image_size: int, repeats: int) -> tuple[dict, str]:
+    """Per-worker rates of the CPU train transform and of decoding alone (augmenting on the GPU),
+    on `count` JPEGs of data_dir, or on synthetic faces written to a temporary directory."""
+    transforms = {"decode + augment": train_transform(KAGGLE_MEAN, KAGGLE_STD), "decode only": decode_transform()}
+    if data_dir:
+        files = sorted(Path(data_dir).rglob("*.jpg"))[:count]
+        if not files:
+            raise SystemExit(f"error: no .jpg files under {data_dir}")
+        return {k: images_per_second(t, files, repeats) for k, t in transforms.items()}, f"{len(files)} JPEGs of {data_dir}"
+    with tempfile.TemporaryDirectory() as tmp:
+        identities = 8
+        generate(tmp, identities=identities, train_per_identity=math.ceil(count / identities), dev_per_identity=0,
+                 test_per_identity=0, image_size=image_size, workers=1)
+        files = sorted(Path(tmp).rglob("*.jpg"))
+        rates = {k: images_per_second(t, files, repeats) for k, t in transforms.items()}
+    return rates, f"{len(files)} synthetic {image_size} px face JPEGs"
+
+
+# -----------------------------------------------------------------------------
+# memory
+
+class LiveMemory(TorchDispatchMode):
+    """Bytes of all tensor storages alive, and their peak, as operators run.
+
+    Under FakeTensorMode nothing is allocated: storages have sizes but no data, so a training step
+    at any batch size costs only the time to trace it. A storage counts from the operator that
+    creates it until Python frees it (autograd's saved tensors keep it alive until backward)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages = set()
+        for tensor in tensors:
+            self._track(tensor)
+
+    def _track(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata in self.storages:
+            return  # a view or an in-place result
+        self.storages.add(storage._cdata)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
+
+    def _free(self, key: int, nbytes: int):
+        self.storages.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor)
+        return out
+
+
+def estimated_training_memory(batch_size: int, image_size: int, num_classes: int) -> int:
+    """Peak bytes of FaceNN's training step under 16-mixed, traced without computing anything.
+
+    It counts parameters, gradients and AdamW's two states (fp32), the fp16 copies of the weights,
+    every activation autograd saves and every temporary, over two steps (the second starts with
+    AdamW's state in place). CPU autocast stands in for CUDA's: both run convolutions and linear
+    layers in fp16, and batch norm, GELU, ReLU6 and max-pool in their input's dtype. Not counted:
+    the CUDA context, cuDNN workspaces and the caching allocator's slack."""
+    with FakeTensorMode():
+        model = FaceNN(num_classes)  # the weights' layout does not change their bytes
+        images = torch.empty(batch_size, 3, image_size, image_size, memory_format=torch.channels_last)
+        labels = torch.zeros(batch_size, dtype=torch.long)
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+        with LiveMemory(*model.parameters(), *model.buffers(), images, labels) as memory:
+            for _ in range(2):
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast("cpu", torch.float16):
+                    loss = F.cross_entropy(model(images), labels)
+                loss.backward()
+                optimizer.step()
+    return memory.peak
+
+
+def measured_training_memory(batch_size: int, image_size: int, num_classes: int, device: torch.device) -> int:
+    """torch.cuda.max_memory_allocated over two real training steps of FaceNN, beyond what was
+    allocated before."""
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model = FaceNN(num_classes).to(device, memory_format=torch.channels_last)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(num_classes, (batch_size,), device=device)
+    step = train_step(model, images, labels, compiled=False)
+    step()
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=NUM_CLASSES)
+    parser.add_argument("--repeats", type=int, help="timed rounds (default: 3 on CPU, 20 on a GPU)")
+    parser.add_argument("--warmup", type=int, help="untimed calls per setting first (default: 1 on CPU, 3 on a GPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile settings")
+    parser.add_argument("--data-dir", help="time the data path on up to --data-images JPEGs under this directory")
+    parser.add_argument("--data-images", type=int, default=64)
+    parser.add_argument("--memory-batch-size", type=int, default=256, help="batch of the memory figures (the seed's)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, no compile: checks that the bench runs")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but no GPU is visible")
+    on_gpu = args.device == "cuda"
+    if args.quick:  # tiny tensors gain nothing from a second thread
+        args.batch_size, args.image_size, args.data_images, args.no_compile = 2, 64, 8, True
+        args.repeats, args.warmup, args.threads = 1, 1, args.threads or 1
+    args.repeats = args.repeats or (20 if on_gpu else 3)
+    args.warmup = args.warmup or (3 if on_gpu else 1)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    started = time.perf_counter()
+
+    def batch(layout):
+        torch.manual_seed(0)
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+        return images.contiguous(memory_format=LAYOUTS[layout]), torch.randint(args.num_classes, (args.batch_size,), device=device)
+
+    def model(name, layout):
+        torch.manual_seed(0)
+        return MODELS[name](args.num_classes).to(device, memory_format=LAYOUTS[layout])
+
+    log("counting FLOPs")
+    images, labels = batch("NCHW")
+    flops = {name: train_flops(model(name, "NCHW"), images[:2], labels[:2]) / 2 for name in MODELS}
+
+    settings = [(name, layout, "eager") for name in MODELS for layout in LAYOUTS]
+    if not args.no_compile:
+        settings += [(name, "channels_last", "compiled") for name in MODELS]
+    steps = {("train", *s): train_step(model(*s[:2]), *batch(s[1]), s[2] == "compiled") for s in settings}
+    steps |= {("infer", *s): inference_step(model(*s[:2]), batch(s[1])[0]) for s in settings if s[2] == "eager"}
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    warmups, seconds = time_interleaved(steps, args.warmup, args.repeats, sync)
+    del steps
+    rate = {key: args.batch_size / s for key, s in seconds.items()}
+
+    log("timing the data path")
+    data, data_source = data_rates(args.data_dir, args.data_images, args.image_size, repeats=2)
+    log("estimating training memory")
+    memory = {"estimated": estimated_training_memory(args.memory_batch_size, args.image_size, args.num_classes)}
+    if on_gpu:
+        try:
+            memory["measured (torch.cuda.max_memory_allocated)"] = measured_training_memory(
+                args.memory_batch_size, args.image_size, args.num_classes, device)
+        except torch.cuda.OutOfMemoryError:
+            log(f"measuring the memory: out of memory at batch {args.memory_batch_size}")
+
+    precision = "16-mixed (fp16 autocast + GradScaler)" if on_gpu else "fp32"
+    where = (torch.cuda.get_device_name(device) if on_gpu else
+             f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"bench.py: batch {args.batch_size}, {args.image_size} px, {args.num_classes} classes, {precision}, {where}; "
+          f"medians of {args.repeats} interleaved rounds after {args.warmup} warm-up call(s); torch {torch.__version__}")
+    print("train FLOPs per image (forward + backward): " + ", ".join(f"{n} {f / 1e9:.1f} G" for n, f in flops.items()))
+    print()
+    print("| model | layout | compile | train img/s | x ref | train GFLOP/s | x ref | warm-up s | infer img/s | x ref |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    ref_train, ref_infer = rate[("train", *REFERENCE)], rate[("infer", *REFERENCE)]
+    flop_rate = {s: rate[("train", *s)] * flops[s[0]] for s in settings}
+    for s in settings:
+        train, infer = rate[("train", *s)], rate.get(("infer", *s))
+        infer_cells = f"{infer:.1f} | {infer / ref_infer:.2f}" if infer else "- | -"
+        print(f"| {' | '.join(s)} | {train:.2f} | {train / ref_train:.2f} | {flop_rate[s] / 1e9:.1f} | "
+              f"{flop_rate[s] / flop_rate[REFERENCE]:.2f} | {warmups[('train', *s)]:.1f} | {infer_cells} |")
+    print()
+
+    fastest = {name: max((s for s in settings if s[0] == name), key=lambda s: rate[("train", *s)]) for name in MODELS}
+    best = rate[("train", *fastest["FaceNN"])]
+    for kind, per_worker in data.items():
+        print(f"data path, {kind}: {per_worker:.0f} img/s per worker ({data_source}); FaceNN's fastest training "
+              f"takes {best:.1f} img/s -> {math.ceil(best / per_worker)} worker(s) keep it fed")
+    peak = max(memory.values())
+    print(f"memory, FaceNN training at batch {args.memory_batch_size}, {args.image_size} px, 16-mixed: "
+          + ", ".join(f"{b / 1e9:.1f} GB {how}" for how, b in memory.items())
+          + f"; headroom on a 16 GB GPU: {100 * (1 - peak / GPU_MEMORY):.0f}%")
+    face, convnext = fastest["FaceNN"], fastest["ConvNeXt"]
+    for what, ratio, target in (("train img/s", lambda s: rate[("train", *s)], TARGET_SPEED),
+                                ("achieved train FLOP/s", lambda s: flop_rate[s], TARGET_FLOPS)):
+        value = ratio(face) / ratio(REFERENCE)
+        print(f"target: FaceNN {what} ({' '.join(face[1:])}) = {value:.2f}x ConvNeXt NCHW eager "
+              f"(target >= {target:.2f}x): {'met' if value >= target else 'NOT met'}; "
+              f"{ratio(face) / ratio(convnext):.2f}x ConvNeXt's fastest ({' '.join(convnext[1:])})")
+    log(f"bench took {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""bench.py: the quick run prints its table, FLOPs of grouped convolutions, the memory tracer."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import LiveMemory, conv_backward_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_prints_the_table_and_the_targets():
+    run = subprocess.run([sys.executable, "bench.py", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "| model | layout | compile | train img/s | x ref |" in run.stdout
+    for model in ("FaceNN", "ConvNeXt"):
+        for layout in ("NCHW", "channels_last"):
+            assert any(line.startswith(f"| {model} | {layout} | eager | ") for line in lines), (model, layout)
+    assert "| ConvNeXt | NCHW | eager | " in run.stdout and " | 1.00 | " in run.stdout  # the reference
+    assert sum(line.startswith("data path, ") for line in lines) == 2
+    assert any(line.startswith("memory, FaceNN training at batch 256") for line in lines)
+    assert sum(line.startswith("target: FaceNN ") for line in lines) == 2
+
+
+def train_flops(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    with FlopCounterMode(display=False) as forward:
+        conv(x)
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as step:
+        conv(x).sum().backward()
+    return forward.get_total_flops(), step.get_total_flops()
+
+
+def test_a_depthwise_convolution_costs_its_forward_once_per_gradient():
+    forward, step = train_flops(nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.randn(2, 8, 16, 16, requires_grad=True))
+    assert forward == 2 * 2 * 8 * 16 * 16 * 9  # multiply-adds of each output, times 2
+    assert step == 3 * forward  # forward, input gradient, weight gradient
+
+
+def test_the_first_convolution_needs_no_input_gradient():
+    forward, step = train_flops(nn.Conv2d(3, 8, 3), torch.randn(2, 3, 16, 16))
+    assert step == 2 * forward
+
+
+def test_live_memory_follows_storages_and_their_peak():
+    with FakeTensorMode():
+        with LiveMemory() as memory:
+            a = torch.empty(1000)  # 4,000 bytes
+            b = a + 1
+            view = b[:10]
+            del a
+            c = b * 2
+            assert memory.live == 8_000
+            del b, c
+            assert memory.live == 4_000  # the view keeps b's storage
+            del view
+        assert (memory.live, memory.peak) == (0, 8_000)
