@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from architecture import NUM_CLASSES, FaceNN, convnext_baseline
-from data import KAGGLE_MEAN, KAGGLE_STD, decode_transform, load_rgb, train_transform
+from data import KAGGLE_MEAN, KAGGLE_STD, BatchAugment, decode_transform, load_rgb, train_transform
 from synthetic_faces import generate
 
 MODELS = {"FaceNN": FaceNN, "ConvNeXt": convnext_baseline}
@@ -161,6 +161,21 @@ def data_rates(data_dir: str | None, count: int, image_size: int, repeats: int) 
         files = sorted(Path(tmp).rglob("*.jpg"))
         rates = {k: images_per_second(t, files, repeats) for k, t in transforms.items()}
     return rates, f"{len(files)} synthetic {image_size} px face JPEGs"
+
+
+def batch_augment_rate(batch_size: int, image_size: int, device: torch.device, repeats: int = 3) -> float:
+    """Images per second of BatchAugment (--augment-on-device: rotation, flip, colour jitter and
+    normalisation drawn per image) on decoded uint8 batches already on `device`."""
+    augment = BatchAugment().to(device)
+    images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        start = time.perf_counter()
+        augment(images)
+        sync()
+        times.append(time.perf_counter() - start)
+    return batch_size / statistics.median(times[1:])
 
 
 # -----------------------------------------------------------------------------
@@ -302,6 +317,8 @@ def main(argv=None):
 
     log("timing the data path")
     data, data_source = data_rates(args.data_dir, args.data_images, args.image_size, repeats=2)
+    augment_batch = 256 if on_gpu else 32
+    augment_rate = batch_augment_rate(augment_batch, args.image_size, device)
     log("estimating training memory")
     memory = {"estimated": estimated_training_memory(args.memory_batch_size, args.image_size, args.num_classes)}
     if on_gpu:
@@ -334,6 +351,8 @@ def main(argv=None):
     for kind, per_worker in data.items():
         print(f"data path, {kind}: {per_worker:.0f} img/s per worker ({data_source}); FaceNN's fastest training "
               f"takes {best:.1f} img/s -> {math.ceil(best / per_worker)} worker(s) keep it fed")
+    print(f"augmentation on the {device.type} (BatchAugment, batches of {augment_batch}): {augment_rate:.0f} img/s, "
+          f"against {data['decode + augment']:.0f} img/s per CPU worker for decode + augment")
     peak = max(memory.values())
     print(f"memory, FaceNN training at batch {args.memory_batch_size}, {args.image_size} px, 16-mixed: "
           + ", ".join(f"{b / 1e9:.1f} GB {how}" for how, b in memory.items())
