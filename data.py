@@ -224,7 +224,8 @@ def collate_same_size(batch):
     """default_collate, but images of mixed sizes are a DataError rather than torch.stack's error."""
     sizes = sorted({tuple(image.shape[-2:]) for image, _ in batch})
     if len(sizes) > 1:
-        raise DataError(f"images of different sizes in one batch {sizes}: pass --image-size N to resize them")
+        raise DataError(f"images of different sizes in one batch {sizes}: resize them to one size, or train with "
+                        "run_training.py --image-size N (its checkpoints then resize at inference too)")
     return default_collate(batch)
 
 
@@ -308,7 +309,7 @@ class FaceDataModule(L.LightningDataModule):
         images, labels = batch
         return self.batch_augment.to(images.device)(images), labels
 
-    def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -317,10 +318,17 @@ class FaceDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_same_size,
+            drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        # A last batch of one image would stop training: BatchNorm cannot train on one value per
+        # channel, which is all the last stage holds at 32-63 px. So when a device's share is one
+        # past a multiple of the batch size, each epoch leaves out one image (shuffled: a different
+        # one each epoch); otherwise every image is used.
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_device = -(-len(self.train_dataset) // world)  # DistributedSampler pads to equal shares
+        return self._loader(self.train_dataset, shuffle=True, drop_last=per_device % self.hparams.batch_size == 1)
 
     def val_dataloader(self):
         # Lightning skips validation for an empty list of loaders (full mode has no dev set).
@@ -356,7 +364,7 @@ def compute_mean_std(train_dir, image_size: int | None = None, max_images: int |
 
 
 def main(argv=None) -> int:
-    from cli import ArgumentParser, at_least  # here, not at the top: cli imports this module
+    from cli import ArgumentParser, at_least
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
