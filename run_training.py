@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from architecture import MIN_IMAGE_SIZE, count_parameters
-from cli import ArgumentParser, at_least, run
+from cli import ArgumentParser, at_least, finite_float, run
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from training import BACKBONES, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
 
@@ -47,10 +47,13 @@ class AtomicCheckpoint(ModelCheckpoint):
     write never leaves a half-written file as the only copy."""
 
     def _save_checkpoint(self, trainer, filepath):
-        partial = f"{filepath}.partial"
-        super()._save_checkpoint(trainer, partial)
-        if trainer.is_global_zero:
-            Path(partial).replace(filepath)
+        partial = Path(f"{filepath}.partial")
+        try:
+            super()._save_checkpoint(trainer, str(partial))
+            if trainer.is_global_zero:
+                partial.replace(filepath)
+        finally:
+            partial.unlink(missing_ok=True)  # a failed write leaves the previous checkpoint alone
         self._last_checkpoint_saved = filepath
 
 
@@ -86,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--strategy", default="auto")
     p.add_argument("--num-workers", type=at_least(0), help="data loading processes per device")
     p.add_argument("--augment-on-device", action="store_true", help="workers only decode; augment batches on the GPU")
-    p.add_argument("--mean", type=float, nargs=3, default=KAGGLE_MEAN, help="normalisation (python data.py stats DIR/train)")
+    p.add_argument("--mean", type=finite_float, nargs=3, default=KAGGLE_MEAN, help="normalisation (python data.py stats DIR/train)")
     p.add_argument("--std", type=at_least(1e-6, float), nargs=3, default=KAGGLE_STD)
     p.add_argument("--precision", help="default: 16-mixed on CUDA, 32-true on CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -137,10 +140,13 @@ def checkpoint_to_resume(args) -> Path | None:
             f"{args.out} already holds a run ({earlier[0].name}); pass --resume to continue it, "
             "--overwrite to replace it, or another --out"
         )
-    if args.overwrite and args.out.is_dir():
-        for path in earlier + [args.out / "metrics.csv", args.out / "hparams.yaml"]:
-            path.unlink(missing_ok=True)
     return None
+
+
+def clear_earlier_run(out: Path) -> None:
+    """--overwrite: the earlier run's files go only once the new run is ready to start."""
+    for path in [*out.glob("*.ckpt"), out / "metrics.csv", out / "hparams.yaml"]:
+        path.unlink(missing_ok=True)
 
 
 def main(argv=None) -> int:
@@ -190,6 +196,8 @@ def main(argv=None) -> int:
         + (f"{len(data.val_dataset):,} dev images, " if validate else "dev merged into train (--full), ")
         + f"{data.num_classes:,} identities | batch {args.batch_size} per device, {args.batch_size * world} global"
     )
+    if args.overwrite and resume_from is None:
+        clear_earlier_run(args.out)
     trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     if world > 1 and validate:  # every rank reports: synced metrics agree across ranks
         print(f"rank {trainer.global_rank}: dev accuracy {trainer.callback_metrics['val_acc']:.6f}")

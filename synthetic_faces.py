@@ -14,7 +14,6 @@ with --verification-identities K --pairs P, verification/*.jpg of K identities a
 plus verification_pairs.csv (img1,img2,same).
 """
 
-import argparse
 import csv
 import functools
 import json
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+from cli import ArgumentParser
 
 MARKER = ".synthetic_faces.json"
 FORMAT_VERSION = 1  # bump whenever the drawing changes, so that old sets are not taken for new ones
@@ -453,7 +454,7 @@ def linear_probe_accuracy(data_dir, image_size=32, weight_decay=1e-3, steps=300)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Draw a synthetic face data set in the HW2P2 layout.")
+    parser = ArgumentParser(description="Draw a synthetic face data set in the HW2P2 layout.")
     parser.add_argument("--out", required=True, type=Path, help="directory to create (or reuse, if identical)")
     parser.add_argument("--identities", type=int, default=50)
     parser.add_argument("--train-per-identity", type=int, default=40)

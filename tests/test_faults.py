@@ -608,7 +608,6 @@ def earlier_run(trained_run, tmp_path):
     return shutil.copytree(trained_run, tmp_path / "run")
 
 
-@pytest.mark.xfail(strict=True, reason="--overwrite deletes the earlier checkpoints before the new run's data is checked")
 def test_overwrite_keeps_the_earlier_run_when_the_new_one_cannot_start(commands, earlier_run, tmp_path):
     broken = tmp_path / "broken"
     (broken / "dev" / "a").mkdir(parents=True)  # no train/
@@ -682,11 +681,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoints(failed_writes, f
     assert load_epoch(out / "best.ckpt") == 0
 
 
-@pytest.mark.parametrize("fault", [
-    pytest.param(fault, marks=[] if fault == "torch.save raises" else pytest.mark.xfail(
-        strict=True, reason="AtomicCheckpoint leaves its .partial file behind when the write or rename fails"))
-    for fault in WRITE_FAULTS
-])
+@pytest.mark.parametrize("fault", WRITE_FAULTS)
 def test_failed_checkpoint_write_leaves_no_partial_file(failed_writes, fault):
     _, out = failed_writes[fault]
     assert sorted(path.name for path in out.glob("*.ckpt*")) == ["best.ckpt", "last.ckpt"]
@@ -724,7 +719,6 @@ def test_diverged_loss_stops_naming_the_step(commands, small, tmp_path, how):
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 RUN_TRAINING_NEEDS_CHECKS = pytest.mark.xfail(strict=True, reason=(
     "run_training.py lets FaceNN's ValueError and Lightning's MisconfigurationException out as tracebacks"))
-MEAN_NEEDS_FINITE = pytest.mark.xfail(strict=True, reason="run_training.py --mean is a plain float: NaN is accepted")
 
 CLI_ERRORS = [  # (script, arguments, text of the error line); {data}: the tiny set, {out}: an empty directory,
     # {ckpt}: the trained run's best.ckpt
@@ -746,8 +740,7 @@ CLI_ERRORS = [  # (script, arguments, text of the error line); {data}: the tiny 
     (TRAIN, "--widths 8,x", "--widths: invalid int_list value"),
     (TRAIN, "--resume a b", "unrecognized arguments: b"),
     (TRAIN, "--data-dir {data} --out {out} --subset-classes 9", "has 4 identities (expected subset_classes from 1 to 4"),
-    pytest.param(TRAIN, "--data-dir {data} --out {out} --mean nan 0.5 0.5", "--mean: must be a finite number",
-                 marks=MEAN_NEEDS_FINITE),
+    (TRAIN, "--data-dir {data} --out {out} --mean nan 0.5 0.5", "--mean: must be a finite number"),
     *(pytest.param(TRAIN, f"--data-dir {{data}} --out {{out}} {flags}", expected, marks=RUN_TRAINING_NEEDS_CHECKS)
       for flags, expected in [
           ("--widths 8,16,24", "--widths (8, 16, 24) and --depths (2, 2, 6, 2)"),
@@ -781,13 +774,9 @@ CLI_ERRORS = [  # (script, arguments, text of the error line); {data}: the tiny 
     (SYNTH, "--out {out} --workers 0", "workers must be at least 1"),
     (SYNTH, "--out {data}/test_labels.csv", "is a file, not a directory"),
     (SYNTH, "--out {data}", "holds a synthetic face set made with other arguments"),
-    *(pytest.param(SYNTH, flags, expected, marks=pytest.mark.xfail(
-        strict=True, reason="synthetic_faces.py uses plain argparse: usage block, and no 'error:' at the line start"))
-      for flags, expected in [
-          ("--out {out} --bogus", "unrecognized arguments: --bogus"),
-          ("--out {out} --identities many", "--identities: invalid int value"),
-          ("", "required: --out"),
-      ]),
+    (SYNTH, "--out {out} --bogus", "unrecognized arguments: --bogus"),
+    (SYNTH, "--out {out} --identities many", "--identities: invalid int value"),
+    (SYNTH, "", "required: --out"),
 ]
 
 CLI_ERRORS = [  # each named "script flags" rather than by its absolute path
