@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from architecture import MIN_IMAGE_SIZE, count_parameters
 from cli import ArgumentParser, at_least, finite_float, run
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
+from predict import load_model
 from training import BACKBONES, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
@@ -52,8 +53,9 @@ class AtomicCheckpoint(ModelCheckpoint):
             super()._save_checkpoint(trainer, str(partial))
             if trainer.is_global_zero:
                 partial.replace(filepath)
-        finally:
-            partial.unlink(missing_ok=True)  # a failed write leaves the previous checkpoint alone
+        finally:  # a failed write leaves the previous checkpoint alone; only rank 0 writes the file,
+            if trainer.is_global_zero:  # and another rank deleting it would race rank 0's rename (DDP)
+                partial.unlink(missing_ok=True)
         self._last_checkpoint_saved = filepath
 
 
@@ -113,10 +115,10 @@ def resolve_accelerator(args) -> tuple[str, str]:
 def build_model(args, data: FaceDataModule, resume_from: Path | None) -> FaceClassifier:
     """A fresh model from the arguments, or the one a checkpoint describes."""
     if resume_from is not None:
-        checkpoint = torch.load(resume_from, map_location="cpu", weights_only=False)
-        if checkpoint.get("class_names") != data.class_names:
+        model = load_model(resume_from, device="cpu")  # checked: a damaged or foreign file is one line
+        if model.class_names != data.class_names:
             raise DataError(f"{resume_from} was trained on other identities than {args.data_dir}/train")
-        return FaceClassifier(**checkpoint["hyper_parameters"], class_names=checkpoint["class_names"])
+        return model
     architecture = dict(stem=args.stem, head_layers=args.head_layers) if args.backbone == "facenn" else {}
     architecture.update({k: v for k, v in (("widths", args.widths), ("depths", args.depths)) if v})
     return FaceClassifier(
@@ -171,7 +173,8 @@ def main(argv=None) -> int:
     data.setup("fit")
     model = build_model(args, data, resume_from)
     accelerator, precision = resolve_accelerator(args)
-    if accelerator == "cpu":  # leave a core to each data worker: oversubscribed cores thrash
+    # leave a core to each data worker (oversubscribed cores thrash), unless OMP_NUM_THREADS decides
+    if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - data.num_workers))
     validate = not args.full
     # two callbacks: Lightning's save_last only follows epochs that improved the monitored metric

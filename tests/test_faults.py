@@ -505,15 +505,7 @@ def test_predict_refuses_a_bad_checkpoint_in_one_line(commands, bad_checkpoints,
     assert_kept(before)
 
 
-RESUME_NEEDS_CHECKS = pytest.mark.xfail(strict=True, reason=(
-    "run_training.build_model loads a --resume checkpoint with no checks: a damaged one is a traceback, "
-    "a foreign one says 'trained on other identities' (proposed: predict.load_model's checks)"))
-
-
-@pytest.mark.parametrize("fault", [
-    pytest.param(name, marks=[] if name in ("missing.ckpt", "directory.ckpt") else RESUME_NEEDS_CHECKS)
-    for name in CHECKPOINT_FAULTS
-])
+@pytest.mark.parametrize("fault", CHECKPOINT_FAULTS)
 def test_resume_refuses_a_bad_checkpoint_in_one_line(commands, bad_checkpoints, tiny_faces, tmp_path, fault):
     before = snapshot(bad_checkpoints)
     result = train(commands, tiny_faces, tmp_path / "out", "--epochs", "2", "--resume", bad_checkpoints / fault)
