@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from architecture import NUM_CLASSES, FaceNN, convnext_baseline
+from cli import keep_freed_memory
 from data import KAGGLE_MEAN, KAGGLE_STD, BatchAugment, decode_transform, load_rgb, train_transform
 from synthetic_faces import generate
 
@@ -286,6 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
+    keep_freed_memory()  # as run_training.py does; both models get it
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -1,9 +1,11 @@
 """What the commands share: a user's mistake is one line on stderr and exit status 2, never a
-traceback; a traceback is left for bugs.
+traceback; a traceback is left for bugs. And CPU memory that is freed stays ready for reuse.
 
-Light to import (argparse only), so that a command without torch can use it too."""
+Light to import (standard library only), so that a command without torch can use it too."""
 
 import argparse
+import ctypes
+import ctypes.util
 import math
 import sys
 
@@ -31,6 +33,21 @@ def at_least(minimum, kind=int):
 
 
 finite_float = at_least(-math.inf, float)  # any float but NaN and infinity
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep the memory of freed tensors for the next ones, instead of handing it back.
+
+    By default glibc gives every allocation over 32 MB its own mmap and unmaps it on free, so each
+    training step gets its largest activations as fresh pages that the kernel zero-fills at first
+    touch: measured on our 2-core CPU, FaceNN's train step (batch 16, 224 px) ran 1.3x faster with
+    this. CUDA's caching allocator does the same for GPU memory. The process then holds on to its
+    peak memory until it exits. Returns False where the C library is not glibc (macOS, musl)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def run(main) -> None:

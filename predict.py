@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cli import ArgumentParser, at_least, run
+from cli import ArgumentParser, at_least, keep_freed_memory, run
 from data import DEFAULT_WORKERS, DataError, FaceFolder, TestImages, collate_same_size, eval_transform, identity_folders
 from training import FaceClassifier
 
@@ -365,6 +365,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device)
     if args.command == "submit":
         result = submit(args.checkpoint, args.test_dir, args.out, tta=args.tta, label_names=args.label_names,

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from architecture import MIN_IMAGE_SIZE, count_parameters
-from cli import ArgumentParser, at_least, finite_float, run
+from cli import ArgumentParser, at_least, finite_float, keep_freed_memory, run
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from predict import load_model
 from training import BACKBONES, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
@@ -153,6 +153,7 @@ def clear_earlier_run(out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     if args.demo:
         from synthetic_faces import generate
 
