@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -34,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from architecture import NUM_CLASSES, FaceNN, convnext_baseline
 from cli import keep_freed_memory
 from data import KAGGLE_MEAN, KAGGLE_STD, BatchAugment, decode_transform, load_rgb, train_transform
+from residual_blocks import ConvNeXtBlock
 from synthetic_faces import generate
 
 MODELS = {"FaceNN": FaceNN, "ConvNeXt": convnext_baseline}
@@ -106,12 +108,13 @@ def inference_step(model, images):
     return step
 
 
-def time_interleaved(steps: dict, warmup: int, repeats: int, sync) -> tuple[dict, dict]:
+def time_interleaved(steps: dict, warmup: int, repeats: int, sync, verbose: bool = True) -> tuple[dict, dict]:
     """Seconds of each step's first `warmup` calls together, and the median of its next `repeats`
     calls, the steps taking turns call by call."""
     warmups, times = {}, {name: [] for name in steps}
     for name, step in steps.items():
-        log(f"warm-up: {' '.join(name)}")
+        if verbose:
+            log(f"warm-up: {' '.join(map(str, name))}")
         start = time.perf_counter()
         for _ in range(warmup):
             step()
@@ -125,6 +128,45 @@ def time_interleaved(steps: dict, warmup: int, repeats: int, sync) -> tuple[dict
             sync()
             times[name].append(time.perf_counter() - start)
     return warmups, {name: statistics.median(t) for name, t in times.items()}
+
+
+# -----------------------------------------------------------------------------
+# where the time goes
+
+PART_ROWS = ("stem", "ConvNeXt blocks", "between stages", "head + loss")
+
+
+def parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's pieces in forward order, each with the row of PART_ROWS it counts in."""
+    if isinstance(model, FaceNN):
+        return [("stem", model.stem),
+                *(("ConvNeXt blocks" if isinstance(layer, ConvNeXtBlock) else "between stages", layer)
+                  for layer in model.body.layers),
+                ("head + loss", model.head)]
+    stem, *stages = model.features  # torchvision's ConvNeXt: stem, stage, downsample, stage, ...
+    pieces = [("stem", stem)]
+    for i, stage in enumerate(stages):
+        pieces += [("ConvNeXt blocks", block) for block in stage] if i % 2 == 0 else [("between stages", stage)]
+    return pieces + [("head + loss", nn.Sequential(model.avgpool, model.classifier))]
+
+
+def part_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[str, callable]]:
+    """For each piece, a function running its forward and backward alone, on the input it gets in
+    the whole model and a gradient of that output's shape (the head's comes from the loss)."""
+    steps, x = [], images
+    for row, piece in parts(model):
+        x = x.detach().requires_grad_(row != "stem")  # no step needs the images' gradient
+        with torch.no_grad(), autocast(x.device):
+            out = piece(x)
+        grad = torch.randn_like(out)
+
+        def step(piece=piece, x=x, grad=grad, last=row == "head + loss"):
+            with autocast(x.device):
+                out = piece(x)
+            (F.cross_entropy(out, labels) if last else out).backward(None if last else grad)
+        steps.append((row, step))
+        x = out
+    return steps
 
 
 # -----------------------------------------------------------------------------
@@ -317,6 +359,17 @@ def main(argv=None):
     del steps
     rate = {key: args.batch_size / s for key, s in seconds.items()}
 
+    log("timing each part of a train step alone")
+    part_layouts = {"FaceNN": "channels_last", "ConvNeXt": REFERENCE[1]}
+    pieces = {(name, i): step for name, layout in part_layouts.items()
+              for i, (_, step) in enumerate(part_steps(model(name, layout), *batch(layout)))}
+    rows = {(name, i): row for name, layout in part_layouts.items()
+            for i, (row, _) in enumerate(parts(model(name, layout)))}
+    _, piece_seconds = time_interleaved(pieces, args.warmup, args.repeats, sync, verbose=False)
+    part_ms = {(name, row): 1e3 * sum(s for key, s in piece_seconds.items() if key[0] == name and rows[key] == row)
+               for name in MODELS for row in PART_ROWS}
+    del pieces
+
     log("timing the data path")
     data, data_source = data_rates(args.data_dir, args.data_images, args.image_size, repeats=2)
     augment_batch = 256 if on_gpu else 32
@@ -346,6 +399,21 @@ def main(argv=None):
         infer_cells = f"{infer:.1f} | {infer / ref_infer:.2f}" if infer else "- | -"
         print(f"| {' | '.join(s)} | {train:.2f} | {train / ref_train:.2f} | {flop_rate[s] / 1e9:.1f} | "
               f"{flop_rate[s] / flop_rate[REFERENCE]:.2f} | {warmups[('train', *s)]:.1f} | {infer_cells} |")
+    print()
+    print(f"where a train step's time goes: each part's forward and backward alone, ms per batch of {args.batch_size} "
+          f"(FaceNN {part_layouts['FaceNN']}, ConvNeXt {part_layouts['ConvNeXt']}, eager)")
+    print()
+    print("| part | FaceNN | ConvNeXt |")
+    print("|---|---:|---:|")
+    for row in PART_ROWS:
+        print(f"| {row} | {part_ms[('FaceNN', row)]:.0f} | {part_ms[('ConvNeXt', row)]:.0f} |")
+    total = {name: sum(part_ms[(name, row)] for row in PART_ROWS) for name in MODELS}
+    print(f"| all | {total['FaceNN']:.0f} | {total['ConvNeXt']:.0f} |")
+    print()
+    shared = part_ms[("FaceNN", "ConvNeXt blocks")] + part_ms[("FaceNN", "head + loss")]
+    print(f"bound: FaceNN's ConvNeXt blocks and head alone take {shared / total['ConvNeXt']:.2f}x ConvNeXt's whole step: "
+          f"with its stem and between-stage layers free, FaceNN would train at most {total['ConvNeXt'] / shared:.2f}x "
+          f"as fast as ConvNeXt")
     print()
 
     fastest = {name: max((s for s in settings if s[0] == name), key=lambda s: rate[("train", *s)]) for name in MODELS}

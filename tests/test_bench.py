@@ -9,7 +9,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import LiveMemory, conv_backward_flops
+from architecture import FaceNN, convnext_baseline, count_parameters
+from bench import PART_ROWS, LiveMemory, conv_backward_flops, parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,9 @@ def test_quick_run_prints_the_table_and_the_targets():
     assert sum(line.startswith("data path, ") for line in lines) == 2
     assert any(line.startswith("memory, FaceNN training at batch 256") for line in lines)
     assert sum(line.startswith("target: FaceNN ") for line in lines) == 2
+    for row in PART_ROWS:
+        assert any(line.startswith(f"| {row} | ") for line in lines), row
+    assert any(line.startswith("bound: FaceNN's ConvNeXt blocks and head alone take ") for line in lines)
 
 
 def train_flops(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
@@ -60,3 +64,11 @@ def test_live_memory_follows_storages_and_their_peak():
             assert memory.live == 4_000  # the view keeps b's storage
             del view
         assert (memory.live, memory.peak) == (0, 8_000)
+
+
+def test_the_parts_of_a_step_cover_each_model_once():
+    for model in (FaceNN(10, widths=(8, 16, 24, 32), depths=(1, 1, 2, 1)), convnext_baseline(10, (8, 16, 24, 32), (1, 1, 2, 1))):
+        pieces = parts(model)
+        assert {row for row, _ in pieces} == set(PART_ROWS)
+        assert sum(row == "ConvNeXt blocks" for row, _ in pieces) == 5
+        assert sum(count_parameters(piece) for _, piece in pieces) == count_parameters(model)
