@@ -16,11 +16,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from architecture import MIN_IMAGE_SIZE, count_parameters
+from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS, count_parameters
 from cli import ArgumentParser, at_least, finite_float, keep_freed_memory, run
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from predict import load_model
@@ -60,7 +61,10 @@ class AtomicCheckpoint(ModelCheckpoint):
 
 
 def int_list(text):
-    return tuple(int(v) for v in text.split(","))
+    values = tuple(int(v) for v in text.split(","))
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text}")
+    return values
 
 
 def parse_args(argv=None):
@@ -101,6 +105,9 @@ def parse_args(argv=None):
     if args.demo:  # the demo's settings, unless given on the command line
         p.set_defaults(**DEMO_ARGS)
         args = p.parse_args(argv)
+    widths, depths = (args.widths or WIDTHS), (args.depths or DEPTHS)
+    if len(widths) != len(depths):
+        p.error(f"--widths {widths} and --depths {depths} need one value per stage each")
     return args
 
 
@@ -188,11 +195,14 @@ def main(argv=None) -> int:
     loggers = [ResumableCSVLogger(args.out, resume=resume_from is not None, flush_logs_every_n_steps=1)]
     if args.wandb != "off":
         loggers.append(WandbLogger(project="FaceClassifier", save_dir=args.out, offline=args.wandb == "offline"))
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
-        precision=precision, max_epochs=model.hparams.max_epochs, callbacks=callbacks, logger=loggers,
-        default_root_dir=args.out, benchmark=True, log_every_n_steps=10,
-    )
+    try:
+        trainer = L.Trainer(
+            accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
+            precision=precision, max_epochs=model.hparams.max_epochs, callbacks=callbacks, logger=loggers,
+            default_root_dir=args.out, benchmark=True, log_every_n_steps=10,
+        )
+    except (MisconfigurationException, ValueError) as error:  # --accelerator, --devices, --strategy, --precision
+        raise DataError(" ".join(str(error).split())) from error
     world = trainer.world_size
     rank_zero_info(
         f"device: {accelerator} x {world} | precision: {precision} | parameters: {count_parameters(model):,}\n"
@@ -202,7 +212,13 @@ def main(argv=None) -> int:
     )
     if args.overwrite and resume_from is None:
         clear_earlier_run(args.out)
-    trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+    except SystemExit:  # how Lightning ends a run after Ctrl-C, once it has shut down the workers
+        if not trainer.interrupted:
+            raise
+        last = args.out / "last.ckpt"
+        raise KeyboardInterrupt(f"continue from {last} with --resume" if last.is_file() else "no epoch finished") from None
     if world > 1 and validate:  # every rank reports: synced metrics agree across ranks
         print(f"rank {trainer.global_rank}: dev accuracy {trainer.callback_metrics['val_acc']:.6f}")
     if not trainer.is_global_zero:

@@ -585,7 +585,6 @@ training.FaceClassifier.training_step = training_step
 """
 
 
-@pytest.mark.xfail(strict=True, reason="Lightning turns Ctrl-C into sys.exit(1); run_training should exit 130 with a --resume hint")
 def test_ctrl_c_exits_130_and_says_how_to_resume(commands, small, tmp_path):
     result = commands(wrapper(tmp_path, INTERRUPT_AT_STEP_1), "--data-dir", small, "--out", tmp_path / "out",
                       *FAST, "--epochs", "2")
@@ -709,8 +708,6 @@ def test_diverged_loss_stops_naming_the_step(commands, small, tmp_path, how):
 # command lines: one line naming the flag
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-RUN_TRAINING_NEEDS_CHECKS = pytest.mark.xfail(strict=True, reason=(
-    "run_training.py lets FaceNN's ValueError and Lightning's MisconfigurationException out as tracebacks"))
 
 CLI_ERRORS = [  # (script, arguments, text of the error line); {data}: the tiny set, {out}: an empty directory,
     # {ckpt}: the trained run's best.ckpt
@@ -733,17 +730,13 @@ CLI_ERRORS = [  # (script, arguments, text of the error line); {data}: the tiny 
     (TRAIN, "--resume a b", "unrecognized arguments: b"),
     (TRAIN, "--data-dir {data} --out {out} --subset-classes 9", "has 4 identities (expected subset_classes from 1 to 4"),
     (TRAIN, "--data-dir {data} --out {out} --mean nan 0.5 0.5", "--mean: must be a finite number"),
-    *(pytest.param(TRAIN, f"--data-dir {{data}} --out {{out}} {flags}", expected, marks=RUN_TRAINING_NEEDS_CHECKS)
-      for flags, expected in [
-          ("--widths 8,16,24", "--widths (8, 16, 24) and --depths (2, 2, 6, 2)"),
-          ("--depths 1,1,1,1,1", "--widths (80, 160, 320, 640) and --depths (1, 1, 1, 1, 1)"),
-          ("--widths 0,8,16,32", "--widths: expected positive integers"),
-          ("--precision bogus", "Precision 'bogus' is invalid"),
-          ("--strategy bogus", "invalid strategy name"),
-          ("--devices 0", "devices='0'"),
-      ]),
-    pytest.param(TRAIN, "--data-dir {data} --out {out} --accelerator gpu", "No supported gpu backend found",
-                 marks=[NO_GPU, RUN_TRAINING_NEEDS_CHECKS]),
+    (TRAIN, "--widths 8,16,24", "--widths (8, 16, 24) and --depths (2, 2, 6, 2)"),
+    (TRAIN, "--depths 1,1,1,1,1", "--widths (80, 160, 320, 640) and --depths (1, 1, 1, 1, 1)"),
+    (TRAIN, "--widths 0,8,16,32", "--widths: expected positive integers"),
+    (TRAIN, "--data-dir {data} --out {out} --precision bogus", "Precision 'bogus' is invalid"),
+    (TRAIN, "--data-dir {data} --out {out} --strategy bogus", "invalid strategy name"),
+    (TRAIN, "--data-dir {data} --out {out} --devices 0", "devices='0'"),
+    pytest.param(TRAIN, "--data-dir {data} --out {out} --accelerator gpu", "No supported gpu backend found", marks=NO_GPU),
     (PREDICT, "", "the following arguments are required: command"),
     (PREDICT, "bogus", "invalid choice: 'bogus'"),
     (PREDICT, "submit --checkpoint x.ckpt --bogus", "unrecognized arguments: --bogus"),
