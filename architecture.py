@@ -118,14 +118,23 @@ class FaceNN(nn.Module):
         return self.head.classifier(self.forward_features(x))
 
 
-def convnext_baseline(num_classes: int = NUM_CLASSES, widths=WIDTHS, depths=DEPTHS) -> nn.Module:
+class ConvNeXtBaseline(ConvNeXt):
+    """torchvision's ConvNeXt with FaceNN's `forward_features`, so that a checkpoint of either
+    backbone gives embeddings for verification."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled, layer-normed features the last Linear classifies."""
+        return self.classifier[:-1](self.avgpool(self.features(x)))
+
+
+def convnext_baseline(num_classes: int = NUM_CLASSES, widths=WIDTHS, depths=DEPTHS) -> ConvNeXtBaseline:
     """torchvision's ConvNeXt at FaceNN's widths and depths: the design the seed measured itself
     against ("slightly better than the base ConvNeXt")."""
     stages = [
         CNBlockConfig(width, widths[i + 1] if i + 1 < len(widths) else None, depth)
         for i, (width, depth) in enumerate(zip(widths, depths))
     ]
-    return ConvNeXt(stages, num_classes=num_classes)
+    return ConvNeXtBaseline(stages, num_classes=num_classes)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -94,8 +94,6 @@ def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_worker
 
 def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS):
     """(embeddings, file names, images per second) of every image under images_dir, sorted by name."""
-    if not hasattr(model.model, "forward_features"):
-        raise DataError(f"the {model.hparams.backbone} backbone gives no embeddings (expected a FaceNN checkpoint)")
     images = TestImages(images_dir, model_transform(model))
     return run_model(model, images, embed=True, batch_size=batch_size, num_workers=num_workers, desc="embedding")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from architecture import FaceNN, count_parameters, summary
+from architecture import FaceNN, convnext_baseline, count_parameters, summary
 from residual_blocks import ClassicBottleneck, ConvNeXtBlock, InvertedBottleneck
 
 TINY = dict(widths=(8, 16, 24, 32), depths=(1, 1, 2, 1))
@@ -251,3 +251,12 @@ def test_facenn_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+def test_convnext_baseline_features_are_what_its_classifier_classifies():
+    model = convnext_baseline(10, (8, 16, 24, 32), (1, 1, 1, 1)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, 32)
+        torch.testing.assert_close(model.classifier[-1](features), model(x))

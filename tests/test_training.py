@@ -179,3 +179,12 @@ def test_kept_cpu_memory_spares_the_page_faults_of_each_step():
     }
     assert faults["default"] > 30_000  # 4 KB each: hundreds of MB zero-filled per step
     assert faults["keep"] < faults["default"] / 5, faults
+
+
+@pytest.mark.parametrize("backbone", ["facenn", "convnext"])
+def test_both_backbones_embed_to_unit_rows(backbone):
+    model = FaceClassifier(3, architecture=dict(widths=(8, 16, 24, 32), depths=(1, 1, 1, 1)), backbone=backbone).eval()
+    with torch.no_grad():
+        embeddings = model.embed(torch.randn(2, 3, 64, 64))
+    assert embeddings.shape == (2, 32)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
