@@ -104,10 +104,12 @@ class FaceNN(nn.Module):
         norm_position: str = "after_dwconv",
         layer_scale: float | None = None,
         drop_path: float = 0.0,
+        recompute_gelu: bool = False,
     ):
         super().__init__()
         self.stem = Stem(widths[0], stem)
-        self.body = Body(widths, depths, drop_path, norm=norm, norm_position=norm_position, layer_scale=layer_scale)
+        self.body = Body(widths, depths, drop_path, norm=norm, norm_position=norm_position, layer_scale=layer_scale,
+                         recompute_gelu=recompute_gelu)
         self.head = Head(widths[-1], num_classes, head_layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

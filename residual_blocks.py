@@ -11,8 +11,11 @@ largest tensors of a training step are then allocated (and, on CPU, page-faulted
 of twice, and saved once instead of twice.
 """
 
+from functools import partial
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torchvision.ops import StochasticDepth
 
 NORM_POSITIONS = ("after_dwconv", "before_dwconv", "after_expand")
@@ -59,6 +62,15 @@ def norm_2d(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"norm must be 'batch' or 'layer', got {kind!r}")
 
 
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep what a matmul computed; recompute the rest (the GELU, views, dtype casts)."""
+    matmul = op in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+    return CheckpointPolicy.MUST_SAVE if matmul else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+RECOMPUTE_GELU = partial(create_selective_checkpoint_contexts, _keep_matmuls)
+
+
 class ConvNeXtBlock(nn.Module):
     """Depthwise kxk conv -> norm -> 1x1 expand -> GELU -> 1x1 project, plus the input.
 
@@ -66,6 +78,11 @@ class ConvNeXtBlock(nn.Module):
     channel LayerNorm. `norm_position` moves the norm: after the depthwise conv (the default, as
     ConvNeXt), before it, or after the expanding 1x1 (before the GELU). Layer-scale and
     stochastic depth (drop-path) are off by default, as in the seed.
+
+    `recompute_gelu` trades time for memory: backward recomputes the GELU's 4x-wide output from its
+    input (selective activation checkpointing) instead of keeping both, the largest tensors of a
+    training step. Same gradients; in FaceNN at batch 256, 224 px, 16-mixed, 1.9 GB less memory
+    for about 6% more time on CPU (`python bench.py` prints both memory figures).
     """
 
     def __init__(
@@ -77,6 +94,7 @@ class ConvNeXtBlock(nn.Module):
         norm_position: str = "after_dwconv",
         layer_scale: float | None = None,
         drop_path: float = 0.0,
+        recompute_gelu: bool = False,
     ):
         super().__init__()
         if norm_position not in NORM_POSITIONS:
@@ -90,6 +108,12 @@ class ConvNeXtBlock(nn.Module):
         self.project = nn.Linear(hidden, channels)
         self.layer_scale = nn.Parameter(torch.full((channels,), layer_scale)) if layer_scale else None
         self.drop_path = StochasticDepth(drop_path, "row")
+        self.recompute_gelu = recompute_gelu
+
+    def activate_and_project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute_gelu and torch.is_grad_enabled():
+            return checkpoint(lambda x: self.project(self.act(x)), x, use_reentrant=False, context_fn=RECOMPUTE_GELU)
+        return self.project(self.act(x))
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The residual branch alone; `forward` adds the input to it."""
@@ -101,7 +125,7 @@ class ConvNeXtBlock(nn.Module):
         x = self.expand(x.permute(0, 2, 3, 1))  # NHWC: the 1x1 convs are matmuls over channels
         if self.norm_position == "after_expand":
             x = self.norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = self.project(self.act(x))
+        x = self.activate_and_project(x)
         if self.layer_scale is not None:
             x = x * self.layer_scale
         return x.permute(0, 3, 1, 2)

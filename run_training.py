@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS, count_parameters
 from cli import ArgumentParser, at_least, finite_float, keep_freed_memory, run
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
-from predict import load_model
+from predict import load_model, pick_device
 from training import BACKBONES, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
@@ -86,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--head-layers", type=int, choices=(1, 2), default=2)
     p.add_argument("--widths", type=int_list, help="comma-separated stage widths (default 80,160,320,640)")
     p.add_argument("--depths", type=int_list, help="comma-separated stage depths (default 2,2,6,2)")
+    p.add_argument("--recompute-gelu", action="store_true", help="less memory: backward recomputes the GELUs (FaceNN)")
     p.add_argument("--patience", type=at_least(1), default=20, help="early stopping on dev loss")
     p.add_argument("--resume", nargs="?", const="last", type=str, help="continue from a checkpoint (default OUT/last.ckpt)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
@@ -112,9 +113,7 @@ def parse_args(argv=None):
 
 
 def resolve_accelerator(args) -> tuple[str, str]:
-    accelerator = args.accelerator
-    if accelerator == "auto":
-        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = pick_device().type if args.accelerator == "auto" else args.accelerator
     precision = args.precision or ("16-mixed" if accelerator in ("cuda", "gpu") else "32-true")
     return accelerator, precision
 
@@ -126,7 +125,8 @@ def build_model(args, data: FaceDataModule, resume_from: Path | None) -> FaceCla
         if model.class_names != data.class_names:
             raise DataError(f"{resume_from} was trained on other identities than {args.data_dir}/train")
         return model
-    architecture = dict(stem=args.stem, head_layers=args.head_layers) if args.backbone == "facenn" else {}
+    architecture = (dict(stem=args.stem, head_layers=args.head_layers, recompute_gelu=args.recompute_gelu)
+                    if args.backbone == "facenn" else {})
     architecture.update({k: v for k, v in (("widths", args.widths), ("depths", args.depths)) if v})
     return FaceClassifier(
         num_classes=data.num_classes, class_names=data.class_names, architecture=architecture, backbone=args.backbone,

@@ -25,8 +25,10 @@ def test_quick_run_prints_the_table_and_the_targets():
             assert any(line.startswith(f"| {model} | {layout} | eager | ") for line in lines), (model, layout)
     assert "| ConvNeXt | NCHW | eager | " in run.stdout and " | 1.00 | " in run.stdout  # the reference
     assert sum(line.startswith("data path, ") for line in lines) == 2
-    assert any(line.startswith("memory, FaceNN training at batch 256") for line in lines)
+    for variant in ("defaults", "--recompute-gelu"):
+        assert any(line.startswith(f"memory, FaceNN ({variant}) training at batch 256") for line in lines), variant
     assert sum(line.startswith("target: FaceNN ") for line in lines) == 2
+    assert any(line.startswith("target: batch 256 within 16 GB with >= 25% headroom: ") for line in lines)
     for row in PART_ROWS:
         assert any(line.startswith(f"| {row} | ") for line in lines), row
     assert any(line.startswith("bound: FaceNN's ConvNeXt blocks and head alone take ") for line in lines)

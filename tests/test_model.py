@@ -246,8 +246,9 @@ def test_channels_last_training_step_copies_no_tensor():
     assert not [name for name in ops.names if name.split(".")[0] in ("clone", "copy_", "contiguous", "_to_copy")]
 
 
-def test_facenn_compiles_without_graph_breaks():
-    model = FaceNN(num_classes=10, **TINY)
+@pytest.mark.parametrize("recompute_gelu", [False, True])
+def test_facenn_compiles_without_graph_breaks(recompute_gelu):
+    model = FaceNN(num_classes=10, **TINY, recompute_gelu=recompute_gelu)
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
@@ -260,3 +261,26 @@ def test_convnext_baseline_features_are_what_its_classifier_classifies():
         features = model.forward_features(x)
         assert features.shape == (2, 32)
         torch.testing.assert_close(model.classifier[-1](features), model(x))
+
+
+def test_recomputing_the_gelu_keeps_the_gradients_and_frees_its_output():
+    """Backward needs the same tensors less each block's 4x-wide GELU output, plus the block's
+    output (selective checkpointing keeps what the project matmul computed): 3C values per position."""
+    import torch.nn.functional as F
+
+    from bench import LiveMemory
+
+    torch.manual_seed(0)
+    models = {recompute: FaceNN(num_classes=10, **TINY, recompute_gelu=recompute) for recompute in (False, True)}
+    models[True].load_state_dict(models[False].state_dict())
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(10, (4,))
+    saved = {}
+    for recompute, model in models.items():
+        with LiveMemory(*model.parameters(), *model.buffers(), x, y) as memory:
+            loss = F.cross_entropy(model(x), y)
+            saved[recompute] = memory.live  # what backward will need, and the loss
+            loss.backward()
+    sizes = [(8, 16), (16, 8), (24, 4), (24, 4), (32, 2)]  # (channels, side) of TINY's blocks at 64 px
+    assert saved[False] - saved[True] == sum(4 * side * side * 3 * channels * 4 for channels, side in sizes)
+    for plain, recomputed in zip(models[False].parameters(), models[True].parameters()):
+        assert torch.equal(plain.grad, recomputed.grad)
