@@ -106,6 +106,16 @@ def test_full_mode_trains_on_train_and_dev(tiny_faces, tmp_path):
     assert "val_acc" not in epoch_metrics(out / "metrics.csv")
 
 
+def test_recompute_gelu_trains_and_comes_back_from_the_checkpoint(tiny_faces, tmp_path):
+    from predict import load_model
+    from residual_blocks import ConvNeXtBlock
+
+    out = tmp_path / "recompute"
+    assert run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), "--epochs", "1", "--recompute-gelu", *FAST]) == 0
+    blocks = [m for m in load_model(out / "last.ckpt", "cpu").modules() if isinstance(m, ConvNeXtBlock)]
+    assert len(blocks) == 4 and all(block.recompute_gelu for block in blocks)
+
+
 def test_second_run_into_the_same_out_is_refused(trained_run, tiny_faces):
     before = (trained_run / "last.ckpt").read_bytes()
     result = run_cli("--data-dir", tiny_faces, "--out", trained_run, "--epochs", "1", *FAST)
