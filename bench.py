@@ -10,8 +10,11 @@ compiles), then the settings take turns for --repeats rounds, so that other work
 slows them alike; the table shows medians and ratios against the reference, torchvision's ConvNeXt
 at FaceNN's widths and depths in NCHW, eager. A train step is forward, cross-entropy over the
 classes, backward and a fused AdamW step; its FLOPs (forward and backward) come from torch's
-FlopCounterMode. Progress goes to stderr, the report to stdout. On the 2-core CPU the defaults take
-about 4.5 minutes, plus about 1.5 for torch.compile the first time (inductor caches its kernels).
+FlopCounterMode. Then each part of both networks (stem, ConvNeXt blocks, the layers between stages,
+head) is timed alone, forward and backward, to show where FaceNN's extra time goes and what it
+bounds. Progress goes to stderr, the report to stdout. On our idle 2-core CPU the defaults take
+about 100 s (up to 4.5 minutes with other jobs running), plus about a minute for torch.compile the
+first time (inductor caches its kernels).
 """
 
 import argparse
@@ -115,7 +118,7 @@ def time_interleaved(steps: dict, warmup: int, repeats: int, sync, verbose: bool
     warmups, times = {}, {name: [] for name in steps}
     for name, step in steps.items():
         if verbose:
-            log(f"warm-up: {' '.join(map(str, name))}")
+            log(f"warm-up: {' '.join(name)}")
         start = time.perf_counter()
         for _ in range(warmup):
             step()
@@ -363,12 +366,10 @@ def main(argv=None):
 
     log("timing each part of a train step alone")
     part_layouts = {"FaceNN": "channels_last", "ConvNeXt": REFERENCE[1]}
-    pieces = {(name, i): step for name, layout in part_layouts.items()
-              for i, (_, step) in enumerate(part_steps(model(name, layout), *batch(layout)))}
-    rows = {(name, i): row for name, layout in part_layouts.items()
-            for i, (row, _) in enumerate(parts(model(name, layout)))}
+    pieces = {(name, i, row): step for name, layout in part_layouts.items()
+              for i, (row, step) in enumerate(part_steps(model(name, layout), *batch(layout)))}
     _, piece_seconds = time_interleaved(pieces, args.warmup, args.repeats, sync, verbose=False)
-    part_ms = {(name, row): 1e3 * sum(s for key, s in piece_seconds.items() if key[0] == name and rows[key] == row)
+    part_ms = {(name, row): 1e3 * sum(s for (n, _, r), s in piece_seconds.items() if (n, r) == (name, row))
                for name in MODELS for row in PART_ROWS}
     del pieces
 
