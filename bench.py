@@ -165,6 +165,8 @@ def part_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> 
         grad = torch.randn_like(out)
 
         def step(piece=piece, x=x, grad=grad, last=row == "head + loss"):
+            x.grad = None  # as the whole step's zero_grad: nothing accumulates
+            piece.zero_grad(set_to_none=True)
             with autocast(x.device):
                 out = piece(x)
             (F.cross_entropy(out, labels) if last else out).backward(None if last else grad)

@@ -115,7 +115,8 @@ class ConvNeXtBlock(nn.Module):
             return self.project(self.act(x))
 
         if self.recompute_gelu and torch.is_grad_enabled():
-            return checkpoint(act_project, x, use_reentrant=False, context_fn=RECOMPUTE_GELU)
+            return checkpoint(act_project, x, use_reentrant=False, context_fn=RECOMPUTE_GELU,
+                              preserve_rng_state=False)  # nothing random in the region
         return act_project(x)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ Writes into --out: last.ckpt, best.ckpt (best dev accuracy), metrics.csv, curves
 import argparse
 import inspect
 import os
+import signal
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,11 +22,13 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS, count_parameters
 from cli import ArgumentParser, at_least, finite_float, keep_freed_memory, run
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from predict import load_model, pick_device
+from residual_blocks import ConvNeXtBlock
 from training import BACKBONES, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
@@ -86,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--head-layers", type=int, choices=(1, 2), default=2)
     p.add_argument("--widths", type=int_list, help="comma-separated stage widths (default 80,160,320,640)")
     p.add_argument("--depths", type=int_list, help="comma-separated stage depths (default 2,2,6,2)")
-    p.add_argument("--recompute-gelu", action="store_true", help="less memory: backward recomputes the GELUs (FaceNN)")
+    p.add_argument("--recompute-gelu", action="store_true", help="less memory, a little slower: backward recomputes FaceNN's GELUs (this run only)")
     p.add_argument("--patience", type=at_least(1), default=20, help="early stopping on dev loss")
     p.add_argument("--resume", nargs="?", const="last", type=str, help="continue from a checkpoint (default OUT/last.ckpt)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
@@ -124,16 +128,22 @@ def build_model(args, data: FaceDataModule, resume_from: Path | None) -> FaceCla
         model = load_model(resume_from, device="cpu")  # checked: a damaged or foreign file is one line
         if model.class_names != data.class_names:
             raise DataError(f"{resume_from} was trained on other identities than {args.data_dir}/train")
-        return model
-    architecture = (dict(stem=args.stem, head_layers=args.head_layers, recompute_gelu=args.recompute_gelu)
-                    if args.backbone == "facenn" else {})
-    architecture.update({k: v for k, v in (("widths", args.widths), ("depths", args.depths)) if v})
-    return FaceClassifier(
-        num_classes=data.num_classes, class_names=data.class_names, architecture=architecture, backbone=args.backbone,
-        image_size=args.image_size, mean=data.hparams.mean, std=data.hparams.std, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, max_epochs=args.epochs, label_smoothing=args.label_smoothing,
-        mixup_alpha=args.mixup_alpha,
-    )
+    else:
+        architecture = dict(stem=args.stem, head_layers=args.head_layers) if args.backbone == "facenn" else {}
+        architecture.update({k: v for k, v in (("widths", args.widths), ("depths", args.depths)) if v})
+        model = FaceClassifier(
+            num_classes=data.num_classes, class_names=data.class_names, architecture=architecture,
+            backbone=args.backbone, image_size=args.image_size, mean=data.hparams.mean, std=data.hparams.std, lr=args.lr,
+            weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, max_epochs=args.epochs,
+            label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha,
+        )
+    if args.recompute_gelu:  # memory for time, not architecture: for this run only, fresh or resumed
+        blocks = [block for block in model.modules() if isinstance(block, ConvNeXtBlock)]
+        if not blocks:
+            raise DataError(f"--recompute-gelu: the {model.hparams.backbone} backbone has no FaceNN ConvNeXt blocks")
+        for block in blocks:
+            block.recompute_gelu = True
+    return model
 
 
 def checkpoint_to_resume(args) -> Path | None:
@@ -214,11 +224,15 @@ def main(argv=None) -> int:
         clear_earlier_run(args.out)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=resume_from)
-    except SystemExit:  # how Lightning ends a run after Ctrl-C, once it has shut down the workers
-        if not trainer.interrupted:
-            raise
+    except SystemExit as stop:  # how Lightning ends a run after Ctrl-C or SIGTERM, once it has shut down the workers
         last = args.out / "last.ckpt"
-        raise KeyboardInterrupt(f"continue from {last} with --resume" if last.is_file() else "no epoch finished") from None
+        hint = f"continue from {last} with --resume" if last.is_file() else "no epoch finished"
+        if isinstance(stop.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt(hint) from None
+        if isinstance(stop, SIGTERMException):  # its own exit status 0 would pass for success
+            print(f"terminated (SIGTERM): {hint}", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
     if world > 1 and validate:  # every rank reports: synced metrics agree across ranks
         print(f"rank {trainer.global_rank}: dev accuracy {trainer.callback_metrics['val_acc']:.6f}")
     if not trainer.is_global_zero:

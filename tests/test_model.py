@@ -284,3 +284,19 @@ def test_recomputing_the_gelu_keeps_the_gradients_and_frees_its_output():
     assert saved[False] - saved[True] == sum(4 * side * side * 3 * channels * 4 for channels, side in sizes)
     for plain, recomputed in zip(models[False].parameters(), models[True].parameters()):
         assert torch.equal(plain.grad, recomputed.grad)
+
+
+def test_recomputing_the_gelu_under_autocast_keeps_the_gradients():
+    """Under autocast the recomputation also reruns the weights' casts, as the forward did."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    models = {recompute: FaceNN(num_classes=10, **TINY, recompute_gelu=recompute) for recompute in (False, True)}
+    models[True].load_state_dict(models[False].state_dict())
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(10, (2,))
+    for model in models.values():
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    for plain, recomputed in zip(models[False].parameters(), models[True].parameters()):
+        torch.testing.assert_close(plain.grad, recomputed.grad)

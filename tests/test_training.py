@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import run_training
+from data import DataError
 from training import FaceClassifier, epoch_metrics, warmup_cosine
 from tests.conftest import FAST, TINY_SET
 
@@ -106,14 +107,24 @@ def test_full_mode_trains_on_train_and_dev(tiny_faces, tmp_path):
     assert "val_acc" not in epoch_metrics(out / "metrics.csv")
 
 
-def test_recompute_gelu_trains_and_comes_back_from_the_checkpoint(tiny_faces, tmp_path):
-    from predict import load_model
+def test_recompute_gelu_is_for_the_run_it_is_given_to(tiny_faces, tmp_path):
+    from data import FaceDataModule
     from residual_blocks import ConvNeXtBlock
+
+    def recomputing(argv, resume_from=None) -> list[bool]:
+        args = run_training.parse_args(["--data-dir", str(tiny_faces), *FAST, *argv])
+        data = FaceDataModule(tiny_faces, batch_size=8, num_workers=0)
+        data.setup("fit")
+        model = run_training.build_model(args, data, resume_from)
+        return [block.recompute_gelu for block in model.modules() if isinstance(block, ConvNeXtBlock)]
 
     out = tmp_path / "recompute"
     assert run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), "--epochs", "1", "--recompute-gelu", *FAST]) == 0
-    blocks = [m for m in load_model(out / "last.ckpt", "cpu").modules() if isinstance(m, ConvNeXtBlock)]
-    assert len(blocks) == 4 and all(block.recompute_gelu for block in blocks)
+    assert recomputing([], out / "last.ckpt") == [False] * 4  # not part of the checkpoint
+    assert recomputing(["--recompute-gelu"], out / "last.ckpt") == [True] * 4  # turned on when resuming
+    assert recomputing(["--recompute-gelu"]) == [True] * 4
+    with pytest.raises(DataError, match="the convnext backbone has no FaceNN ConvNeXt blocks"):
+        recomputing(["--recompute-gelu", "--backbone", "convnext"])
 
 
 def test_second_run_into_the_same_out_is_refused(trained_run, tiny_faces):
