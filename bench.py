@@ -13,8 +13,7 @@ classes, backward and a fused AdamW step; its FLOPs (forward and backward) come 
 FlopCounterMode. Then each part of both networks (stem, ConvNeXt blocks, the layers between stages,
 head) is timed alone, forward and backward, to show where FaceNN's extra time goes and what it
 bounds. Progress goes to stderr, the report to stdout. On our idle 2-core CPU the defaults take
-about 100 s (up to 4.5 minutes with other jobs running), plus about a minute for torch.compile the
-first time (inductor caches its kernels).
+about 140 s, plus about a minute for torch.compile the first time (inductor caches its kernels).
 """
 
 import argparse
@@ -314,7 +313,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=NUM_CLASSES)
-    parser.add_argument("--repeats", type=int, help="timed rounds (default: 3 on CPU, 20 on a GPU)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default: 5 on CPU, 20 on a GPU)")
     parser.add_argument("--warmup", type=int, help="untimed calls per setting first (default: 1 on CPU, 3 on a GPU)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile settings")
@@ -329,7 +328,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:  # tiny tensors gain nothing from a second thread
         args.batch_size, args.image_size, args.data_images, args.no_compile = 2, 64, 8, True
         args.repeats, args.warmup, args.threads = 1, 1, args.threads or 1
-    args.repeats = args.repeats or (20 if on_gpu else 3)
+    args.repeats = args.repeats or (20 if on_gpu else 5)
     args.warmup = args.warmup or (3 if on_gpu else 1)
     return args
 
