@@ -90,7 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--head-layers", type=int, choices=(1, 2), default=2)
     p.add_argument("--widths", type=int_list, help="comma-separated stage widths (default 80,160,320,640)")
     p.add_argument("--depths", type=int_list, help="comma-separated stage depths (default 2,2,6,2)")
-    p.add_argument("--recompute-gelu", action="store_true", help="less memory, a little slower: backward recomputes FaceNN's GELUs (this run only)")
+    p.add_argument("--recompute-gelu", action="store_true",
+                   help="less memory, a little slower: backward recomputes FaceNN's GELUs (this run only)")
     p.add_argument("--patience", type=at_least(1), default=20, help="early stopping on dev loss")
     p.add_argument("--resume", nargs="?", const="last", type=str, help="continue from a checkpoint (default OUT/last.ckpt)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
