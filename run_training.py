@@ -92,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--depths", type=int_list, help="comma-separated stage depths (default 2,2,6,2)")
     p.add_argument("--recompute-gelu", action="store_true",
                    help="less memory, a little slower: backward recomputes FaceNN's GELUs (this run only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (measure first: python bench.py)")
     p.add_argument("--patience", type=at_least(1), default=20, help="early stopping on dev loss")
     p.add_argument("--resume", nargs="?", const="last", type=str, help="continue from a checkpoint (default OUT/last.ckpt)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
@@ -223,6 +224,8 @@ def main(argv=None) -> int:
     )
     if args.overwrite and resume_from is None:
         clear_earlier_run(args.out)
+    if args.compile:  # the network alone: in place, so the checkpoint's keys stay those of the plain model
+        model.model.compile()
     try:
         trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     except SystemExit as stop:  # how Lightning ends a run after Ctrl-C or SIGTERM, once it has shut down the workers

@@ -127,6 +127,28 @@ def test_recompute_gelu_is_for_the_run_it_is_given_to(tiny_faces, tmp_path):
         recomputing(["--recompute-gelu", "--backbone", "convnext"])
 
 
+def test_a_compiled_run_writes_a_plain_checkpoint(tiny_faces, tmp_path, monkeypatch):
+    """--compile compiles the network in place: the checkpoint loads into an uncompiled model.
+    Dynamo and AOTAutograd run as in a real compile; inductor's code generation, a minute of C++
+    compiling on a fresh CPU machine, is left out (backend "aot_eager")."""
+    from predict import load_model
+
+    compiled, compile_module = [], torch.nn.Module.compile
+
+    def compile_on_aot_eager(module):
+        compiled.append(type(module).__name__)
+        compile_module(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_on_aot_eager)
+    out = tmp_path / "compiled"
+    flags = [*FAST, "--batch-size", "4", "--full", "--epochs", "1", "--compile"]
+    assert run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), *flags]) == 0
+    assert compiled == ["FaceNN"]
+    model = load_model(out / "last.ckpt", "cpu")
+    assert not any("_orig_mod" in key for key in model.state_dict())
+    assert torch.isfinite(model(torch.randn(2, 3, 48, 48))).all()
+
+
 def test_second_run_into_the_same_out_is_refused(trained_run, tiny_faces):
     before = (trained_run / "last.ckpt").read_bytes()
     result = run_cli("--data-dir", tiny_faces, "--out", trained_run, "--epochs", "1", *FAST)
