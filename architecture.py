@@ -129,14 +129,15 @@ class ConvNeXtBaseline(ConvNeXt):
         return self.classifier[:-1](self.avgpool(self.features(x)))
 
 
-def convnext_baseline(num_classes: int = NUM_CLASSES, widths=WIDTHS, depths=DEPTHS) -> ConvNeXtBaseline:
+def convnext_baseline(num_classes: int = NUM_CLASSES, widths=WIDTHS, depths=DEPTHS, drop_path: float = 0.0) -> ConvNeXtBaseline:
     """torchvision's ConvNeXt at FaceNN's widths and depths: the design the seed measured itself
-    against ("slightly better than the base ConvNeXt")."""
+    against ("slightly better than the base ConvNeXt"). `drop_path` is its stochastic depth,
+    linear over the blocks as in FaceNN."""
     stages = [
         CNBlockConfig(width, widths[i + 1] if i + 1 < len(widths) else None, depth)
         for i, (width, depth) in enumerate(zip(widths, depths))
     ]
-    return ConvNeXtBaseline(stages, num_classes=num_classes)
+    return ConvNeXtBaseline(stages, stochastic_depth_prob=drop_path, num_classes=num_classes)
 
 
 def count_parameters(module: nn.Module) -> int:

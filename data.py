@@ -49,10 +49,23 @@ def _compose(augmentation: list, mean, std, image_size: int | None) -> v2.Compos
     return v2.Compose(resize + augmentation + to_tensor)
 
 
-def train_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None) -> v2.Compose:
-    """The seed's augmentation, then a normalised float32 CHW tensor."""
+AUTO_AUGMENT = {"none": None, "trivial": v2.TrivialAugmentWide, "rand": v2.RandAugment}
+
+
+def train_transform(
+    mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None, auto_augment: str = "none",
+    random_erasing: float = 0.0,
+) -> v2.Compose:
+    """The seed's augmentation, then a normalised float32 CHW tensor. Off by default, as in the
+    seed: `auto_augment` adds TrivialAugmentWide ("trivial") or RandAugment ("rand") after it,
+    and `random_erasing` is the chance of blanking a random box to the mean (0 after Normalize)."""
     augmentation = [v2.RandomRotation(30), v2.RandomHorizontalFlip(), v2.ColorJitter(0.2, 0.2, 0.2, 0.2)]
-    return _compose(augmentation, mean, std, image_size)
+    if AUTO_AUGMENT[auto_augment] is not None:
+        augmentation.append(AUTO_AUGMENT[auto_augment]())
+    transform = _compose(augmentation, mean, std, image_size)
+    if random_erasing > 0:
+        return v2.Compose([*transform.transforms, v2.RandomErasing(random_erasing)])
+    return transform
 
 
 def eval_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None) -> v2.Compose:
@@ -237,6 +250,8 @@ class FaceDataModule(L.LightningDataModule):
     train and dev, for prototyping. num_workers=None: min(8, CPUs); pin_memory=None: with CUDA.
     augment_on_device: workers only decode; BatchAugment augments each train batch after it
     reaches the device, so a few CPU workers can keep a GPU fed.
+    auto_augment, random_erasing: added to the CPU train transform (see train_transform), so not
+    with augment_on_device.
     """
 
     def __init__(
@@ -251,8 +266,12 @@ class FaceDataModule(L.LightningDataModule):
         std=KAGGLE_STD,
         pin_memory: bool | None = None,
         augment_on_device: bool = False,
+        auto_augment: str = "none",
+        random_erasing: float = 0.0,
     ):
         super().__init__()
+        if augment_on_device and (auto_augment != "none" or random_erasing > 0):
+            raise DataError("--auto-augment and --random-erasing run in the CPU workers: not with --augment-on-device")
         data_dir = str(data_dir)  # saved as text: a Path would stop torch.load(weights_only=True) resuming
         self.save_hyperparameters()
         self.num_workers = DEFAULT_WORKERS if num_workers is None else num_workers
@@ -287,7 +306,7 @@ class FaceDataModule(L.LightningDataModule):
         if hp.augment_on_device:
             augment = decode_transform(hp.image_size)
         else:
-            augment = train_transform(hp.mean, hp.std, hp.image_size)
+            augment = train_transform(hp.mean, hp.std, hp.image_size, hp.auto_augment, hp.random_erasing)
         plain = eval_transform(hp.mean, hp.std, hp.image_size)
         train = FaceFolder(train_dir, class_names, augment)
         empty = sorted(set(class_names) - {class_names[target] for target in train.targets})

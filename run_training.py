@@ -26,10 +26,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS, count_parameters
 from cli import ArgumentParser, at_least, finite_float, keep_freed_memory, run
-from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
+from data import AUTO_AUGMENT, KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from predict import load_model, pick_device
 from residual_blocks import ConvNeXtBlock
-from training import BACKBONES, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
+from training import BACKBONES, FaceClassifier, ResumableCSVLogger, Throughput, default_warmup, plot_curves, warmup_cosine_lr
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
 KAGGLE_HELP = (
@@ -71,17 +71,37 @@ def int_list(text):
     return values
 
 
+def below_one(text):
+    value = at_least(0.0, float)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be < 1, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="holds train/, dev/ and test/")
     p.add_argument("--out", type=Path, default=Path("checkpoint"), help="checkpoints, logs and plots")
     p.add_argument("--epochs", type=at_least(1), default=RECIPE["max_epochs"])
-    p.add_argument("--warmup-epochs", type=at_least(0), default=RECIPE["warmup_epochs"])
+    p.add_argument("--warmup-epochs", type=at_least(0),
+                   help="linear warm-up from 3e-4 to --lr (default: the seed's share, round(epochs / 6): 10 of 60)")
     p.add_argument("--batch-size", type=at_least(1), default=256, help="per device")
     p.add_argument("--lr", type=at_least(1e-12, float), default=RECIPE["lr"], help="peak learning rate")
     p.add_argument("--weight-decay", type=at_least(0.0, float), default=RECIPE["weight_decay"])
     p.add_argument("--label-smoothing", type=at_least(0.0, float), default=RECIPE["label_smoothing"])
     p.add_argument("--mixup-alpha", type=at_least(0.0, float), default=RECIPE["mixup_alpha"], help="0 turns mixup off")
+    regularisers = p.add_argument_group("regularisers beyond the seed's recipe (all off by default)")
+    regularisers.add_argument("--ema", type=below_one, metavar="DECAY",
+                              help="validate, checkpoint and finish with an exponential moving average of the weights, "
+                                   "updated every step (horizon ~1/(1-DECAY) steps: 0.999 for the Kaggle set, 0.99 for the demo)")
+    regularisers.add_argument("--drop-path", type=below_one, default=0.0, metavar="RATE",
+                              help="stochastic depth: the last block's chance of skipping its branch, linear from 0 over the blocks")
+    regularisers.add_argument("--cutmix-alpha", type=at_least(0.0, float), default=RECIPE["cutmix_alpha"], metavar="A",
+                              help="CutMix with Beta(A, A) box areas, drawn per batch instead of mixup (alone with --mixup-alpha 0)")
+    regularisers.add_argument("--random-erasing", type=below_one, default=0.0, metavar="P",
+                              help="chance of blanking a random box of each train image (CPU transform)")
+    regularisers.add_argument("--auto-augment", choices=tuple(AUTO_AUGMENT), default="none",
+                              help="add TrivialAugmentWide (trivial) or RandAugment (rand) to the CPU train transform")
     p.add_argument("--image-size", type=at_least(MIN_IMAGE_SIZE), help="resize images to this (default: as stored)")
     p.add_argument("--subset-classes", type=at_least(1), help="prototype on the first N identities")
     p.add_argument("--full", action="store_true", help="train on train+dev, without validation")
@@ -115,6 +135,12 @@ def parse_args(argv=None):
     widths, depths = (args.widths or WIDTHS), (args.depths or DEPTHS)
     if len(widths) != len(depths):
         p.error(f"--widths {widths} and --depths {depths} need one value per stage each")
+    if args.warmup_epochs is None:
+        args.warmup_epochs = default_warmup(args.epochs)
+    if args.warmup_epochs >= args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} must be less than --epochs {args.epochs}, so that the run anneals")
+    if args.augment_on_device and (args.auto_augment != "none" or args.random_erasing > 0):
+        p.error("--auto-augment and --random-erasing run in the CPU workers: not with --augment-on-device")
     return args
 
 
@@ -132,12 +158,13 @@ def build_model(args, data: FaceDataModule, resume_from: Path | None) -> FaceCla
             raise DataError(f"{resume_from} was trained on other identities than {args.data_dir}/train")
     else:
         architecture = dict(stem=args.stem, head_layers=args.head_layers) if args.backbone == "facenn" else {}
-        architecture.update({k: v for k, v in (("widths", args.widths), ("depths", args.depths)) if v})
+        architecture.update({k: v for k, v in (("widths", args.widths), ("depths", args.depths), ("drop_path", args.drop_path)) if v})
         model = FaceClassifier(
             num_classes=data.num_classes, class_names=data.class_names, architecture=architecture,
             backbone=args.backbone, image_size=args.image_size, mean=data.hparams.mean, std=data.hparams.std, lr=args.lr,
             weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, max_epochs=args.epochs,
-            label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha,
+            label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
+            ema_decay=args.ema,
         )
     if args.recompute_gelu:  # memory for time, not architecture: for this run only, fresh or resumed
         blocks = [block for block in model.modules() if isinstance(block, ConvNeXtBlock)]
@@ -146,6 +173,16 @@ def build_model(args, data: FaceDataModule, resume_from: Path | None) -> FaceCla
         for block in blocks:
             block.recompute_gelu = True
     return model
+
+
+def schedule_summary(hp) -> str:
+    """The run's learning rate per epoch, and the regularisers it uses beyond the seed's recipe."""
+    last_lr = warmup_cosine_lr(hp.max_epochs - 1, hp.warmup_epochs, hp.max_epochs, hp.warmup_start_lr, hp.lr, hp.min_lr)
+    extras = [f"{name} {value:g}" for name, value in (
+        ("ema", hp.ema_decay), ("drop-path", (hp.architecture or {}).get("drop_path")), ("cutmix", hp.cutmix_alpha)) if value]
+    return (f"schedule: warm-up {hp.warmup_epochs} epochs from {hp.warmup_start_lr:g} to peak {hp.lr:g}, cosine to "
+            f"{hp.min_lr:g} at epoch {hp.max_epochs} (last epoch's lr {last_lr:.3g})"
+            + (f" | {', '.join(extras)}" if extras else ""))
 
 
 def checkpoint_to_resume(args) -> Path | None:
@@ -188,7 +225,7 @@ def main(argv=None) -> int:
     data = FaceDataModule(
         args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, image_size=args.image_size,
         subset_classes=args.subset_classes, full=args.full, mean=tuple(args.mean), std=tuple(args.std),
-        augment_on_device=args.augment_on_device,
+        augment_on_device=args.augment_on_device, auto_augment=args.auto_augment, random_erasing=args.random_erasing,
     )
     data.setup("fit")
     model = build_model(args, data, resume_from)
@@ -220,7 +257,8 @@ def main(argv=None) -> int:
         f"device: {accelerator} x {world} | precision: {precision} | parameters: {count_parameters(model):,}\n"
         f"data: {len(data.train_dataset):,} train images, "
         + (f"{len(data.val_dataset):,} dev images, " if validate else "dev merged into train (--full), ")
-        + f"{data.num_classes:,} identities | batch {args.batch_size} per device, {args.batch_size * world} global"
+        + f"{data.num_classes:,} identities | batch {args.batch_size} per device, {args.batch_size * world} global\n"
+        + schedule_summary(model.hparams)
     )
     if args.overwrite and resume_from is None:
         clear_earlier_run(args.out)

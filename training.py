@@ -1,36 +1,67 @@
 """The LightningModule: FaceNN plus the seed's recipe (AdamW, warm-up + cosine, label smoothing,
-mixup), and the plot of a run's curves.
+mixup), the modern regularisers as options (EMA of the weights, CutMix), and the plot of a run's
+curves.
 
 A checkpoint alone rebuilds the model: the hyperparameters hold the architecture, image size and
 normalisation, and the checkpoint carries the class mapping (index -> identity folder name).
 """
 
 import csv
+import math
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from torch.optim.lr_scheduler import LambdaLR
 from torchvision.transforms import v2
 
 from architecture import NUM_CLASSES, FaceNN, convnext_baseline
 from data import KAGGLE_MEAN, KAGGLE_STD
 
 
-def warmup_cosine(optimizer, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e-4, min_lr=1e-5):
-    """Per-epoch schedule: linear from `warmup_start_lr` to the optimiser's lr over
-    `warmup_epochs`, then cosine down to `min_lr` at `max_epochs` (the seed's
-    LinearWarmupCosineAnnealingLR, from torch's own schedulers)."""
-    base_lr = optimizer.param_groups[0]["lr"]
-    cosine = CosineAnnealingLR(optimizer, T_max=max(1, max_epochs - warmup_epochs), eta_min=min_lr)
-    if warmup_epochs == 0:
-        return cosine
-    warmup = LinearLR(optimizer, start_factor=warmup_start_lr / base_lr, total_iters=warmup_epochs)
-    return SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
+def warmup_cosine_lr(epoch, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e-4, peak_lr=1e-3, min_lr=1e-5):
+    """The seed's learning rate at `epoch`: lightning-bolts' LinearWarmupCosineAnnealingLR in
+    closed form. The warm-up reaches the peak at epoch `warmup_epochs - 1` (bolts divides by
+    `warmup_epochs - 1`) and the cosine starts again from the peak at `warmup_epochs`, ending at
+    `min_lr` at `max_epochs`. A pure function of its arguments, so a run extended to more epochs
+    is the same schedule with a larger `max_epochs`."""
+    if epoch < warmup_epochs:
+        return warmup_start_lr + epoch * (peak_lr - warmup_start_lr) / max(1, warmup_epochs - 1)
+    progress = (epoch - warmup_epochs) / (max_epochs - warmup_epochs)
+    return min_lr + (peak_lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+class WarmupCosine(LambdaLR):
+    """`warmup_cosine_lr` as a per-epoch scheduler, peaking at the optimiser's lr.
+
+    Its checkpoint state is the epoch count: the formula comes from the arguments of the run
+    that loads it, and loading sets the optimiser's lr by that formula (Lightning loads the
+    optimiser first), so a run resumed with more epochs follows the schedule over its new total
+    from its first epoch on."""
+
+    def __init__(self, optimizer, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e-4, min_lr=1e-5):
+        peak_lr = optimizer.param_groups[0]["lr"]
+
+        def factor(epoch):
+            return warmup_cosine_lr(epoch, warmup_epochs, max_epochs, warmup_start_lr, peak_lr, min_lr) / peak_lr
+
+        super().__init__(optimizer, factor)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._last_lr = [base * factor(self.last_epoch) for base, factor in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+
+def default_warmup(max_epochs: int) -> int:
+    """The seed's share of warm-up, 10 of 60 epochs, so that a shorter run still anneals."""
+    return round(max_epochs / 6)
 
 
 BACKBONES = {"facenn": FaceNN, "convnext": convnext_baseline}
@@ -38,7 +69,14 @@ BACKBONES = {"facenn": FaceNN, "convnext": convnext_baseline}
 
 class FaceClassifier(L.LightningModule):
     """Trains FaceNN (or, for comparison, torchvision's ConvNeXt) on identity labels.
-    `architecture` holds the backbone's keyword arguments (the seed's network when empty)."""
+    `architecture` holds the backbone's keyword arguments (the seed's network when empty;
+    `drop_path` there is stochastic depth).
+
+    Off by default, so that the defaults stay the seed's recipe: cutmix_alpha > 0 picks CutMix or
+    MixUp at random for each batch (CutMix alone when mixup_alpha is 0); ema_decay validates,
+    checkpoints and finishes with an exponential moving average of the weights, updated every
+    optimiser step (Lightning's EMAWeightAveraging; its horizon is about 1 / (1 - decay) steps).
+    Both are hyperparameters, so a resumed run keeps them."""
 
     def __init__(
         self,
@@ -57,6 +95,8 @@ class FaceClassifier(L.LightningModule):
         max_epochs: int = 60,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 1.0,
+        cutmix_alpha: float = 0.0,
+        ema_decay: float | None = None,
         channels_last: bool = True,
     ):
         super().__init__()
@@ -69,7 +109,10 @@ class FaceClassifier(L.LightningModule):
         self.model = BACKBONES[backbone](num_classes, **(architecture or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
-        self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
+        # the batch mixing of training_step: MixUp, CutMix, or one of the two drawn per batch
+        mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []
+        mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else []
+        self.mixup = (mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)) if mixes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
@@ -107,8 +150,13 @@ class FaceClassifier(L.LightningModule):
         hp = self.hparams
         # fused: one kernel for all parameters (4x faster a step than the default on our CPU)
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
-        scheduler = warmup_cosine(optimizer, hp.warmup_epochs, hp.max_epochs, hp.warmup_start_lr, hp.min_lr)
+        scheduler = WarmupCosine(optimizer, hp.warmup_epochs, hp.max_epochs, hp.warmup_start_lr, hp.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def configure_callbacks(self):
+        if self.hparams.ema_decay is None:
+            return []
+        return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["class_names"] = self.class_names

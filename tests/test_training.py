@@ -13,7 +13,7 @@ import torch
 
 import run_training
 from data import DataError
-from training import FaceClassifier, epoch_metrics, warmup_cosine
+from training import FaceClassifier, epoch_metrics
 from tests.conftest import FAST, TINY_SET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,22 +32,6 @@ def assert_one_line_error(result):
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     return lines[0]
-
-
-def test_schedule_warms_up_linearly_then_decays_by_cosine():
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    scheduler = warmup_cosine(optimizer, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e-4, min_lr=1e-5)
-    lrs = []
-    for _ in range(61):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert lrs[0] == pytest.approx(3e-4)
-    assert lrs[5] == pytest.approx(3e-4 + 0.5 * 7e-4)
-    assert lrs[10] == pytest.approx(1e-3)
-    assert lrs[35] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
-    assert lrs[60] == pytest.approx(1e-5)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
 def test_mixup_gives_soft_targets():
