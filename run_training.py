@@ -97,7 +97,7 @@ def parse_args(argv=None):
     regularisers.add_argument("--drop-path", type=below_one, default=0.0, metavar="RATE",
                               help="stochastic depth: the last block's chance of skipping its branch, linear from 0 over the blocks")
     regularisers.add_argument("--cutmix-alpha", type=at_least(0.0, float), default=RECIPE["cutmix_alpha"], metavar="A",
-                              help="CutMix with Beta(A, A) box areas, drawn per batch instead of mixup (alone with --mixup-alpha 0)")
+                              help="CutMix with Beta(A, A) box areas: each batch gets CutMix or mixup, 50/50 (CutMix alone with --mixup-alpha 0)")
     regularisers.add_argument("--random-erasing", type=below_one, default=0.0, metavar="P",
                               help="chance of blanking a random box of each train image (CPU transform)")
     regularisers.add_argument("--auto-augment", choices=tuple(AUTO_AUGMENT), default="none",

@@ -241,3 +241,20 @@ def test_cpu_only_augmentations_are_refused_on_device(tiny_faces):
         FaceDataModule(tiny_faces, augment_on_device=True, random_erasing=0.25)
     with pytest.raises(DataError, match="--augment-on-device"):
         FaceDataModule(tiny_faces, augment_on_device=True, auto_augment="trivial")
+
+
+# --- the comparison script ---
+
+def test_compare_recipes_trains_both_recipes_and_writes_table_and_plot(tiny_faces, tmp_path):
+    import compare_recipes
+
+    rows = [compare_recipes.train(tiny_faces, tmp_path / recipe, "facenn", recipe, 0, epochs=2) for recipe in ("original", "modern")]
+    assert [row["epochs"] for row in rows] == [2, 2] and all(0 <= row["best_dev_acc"] <= 1 for row in rows)
+    modern = torch.load(tmp_path / "modern" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "current_model_state" in modern  # EMA on
+    assert modern["hyper_parameters"]["architecture"]["drop_path"] == 0.1 and modern["hyper_parameters"]["cutmix_alpha"] == 1
+    assert modern["datamodule_hyper_parameters"]["auto_augment"] == "trivial"
+    original = torch.load(tmp_path / "original" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "current_model_state" not in original and original["hyper_parameters"]["cutmix_alpha"] == 0
+    compare_recipes.plot(rows, tmp_path / "recipes.png")
+    assert (tmp_path / "recipes.png").stat().st_size > 10_000
