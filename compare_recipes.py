@@ -2,11 +2,13 @@
 
     python compare_recipes.py                  # FaceNN and ConvNeXt, both recipes, seeds 0 and 1
     python compare_recipes.py --epochs 8       # shorter runs, the same for every recipe
+    python compare_recipes.py --recipes original ema drop-path cutmix erasing trivial --backbones facenn \
+        --seeds 0 --name recipes_ablation      # each part of the modern recipe alone
 
 Each run is run_training.py with the demo's settings (50 identities at 64 px, the demo's network
 widths, batch, lr and epochs) on one data set, only the recipe flags and the seed differing. It
-writes docs/recipes.csv (one row per run) and docs/recipes.png (dev accuracy per epoch, and the
-best dev accuracy of each run), which docs/recipes.md and train_example.ipynb show.
+writes docs/NAME.csv (one row per run) and docs/NAME.png (dev accuracy per epoch, and the best
+dev accuracy of each run), which docs/recipes.md and train_example.ipynb show.
 """
 
 import argparse
@@ -24,11 +26,10 @@ from training import epoch_metrics
 # The modern combination: what timm's train.py and the ConvNeXt paper add to AdamW + cosine +
 # label smoothing + mixup. EMA 0.99: the demo's run is a few hundred steps, so the average spans
 # about three of its epochs.
-RECIPES = {
-    "original": [],
-    "modern": ["--ema", "0.99", "--drop-path", "0.1", "--cutmix-alpha", "1", "--random-erasing", "0.25",
-               "--auto-augment", "trivial"],
-}
+MODERN = {"ema": ["--ema", "0.99"], "drop-path": ["--drop-path", "0.1"], "cutmix": ["--cutmix-alpha", "1"],
+          "erasing": ["--random-erasing", "0.25"], "trivial": ["--auto-augment", "trivial"]}
+# original and modern are the comparison; each part of modern alone is the ablation (--recipes)
+RECIPES = {"original": [], "modern": sum(MODERN.values(), []), **MODERN}
 BACKBONES = ("facenn", "convnext")
 FIELDS = ("backbone", "recipe", "seed", "epochs", "best_dev_acc", "last_dev_acc", "minutes")
 
@@ -54,13 +55,12 @@ def train(data_dir: Path, out: Path, backbone: str, recipe: str, seed: int, epoc
 
 
 def summary(rows: list[dict]) -> list[tuple]:
-    """(backbone, recipe, mean best dev accuracy, the seeds' values) for each pair."""
+    """(backbone, recipe, mean best dev accuracy, the seeds' values) for each pair, in run order."""
+    pairs = list(dict.fromkeys((row["backbone"], row["recipe"]) for row in rows))
     table = []
-    for backbone in BACKBONES:
-        for recipe in RECIPES:
-            values = [row["best_dev_acc"] for row in rows if (row["backbone"], row["recipe"]) == (backbone, recipe)]
-            if values:
-                table.append((backbone, recipe, statistics.mean(values), values))
+    for backbone, recipe in pairs:
+        values = [row["best_dev_acc"] for row in rows if (row["backbone"], row["recipe"]) == (backbone, recipe)]
+        table.append((backbone, recipe, statistics.mean(values), values))
     return table
 
 
@@ -71,8 +71,8 @@ def plot(rows: list[dict], out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4))
-    colours = {("facenn", "original"): "C0", ("facenn", "modern"): "C2",
-               ("convnext", "original"): "C1", ("convnext", "modern"): "C3"}
+    table = summary(rows)
+    colours = {(backbone, recipe): f"C{i}" for i, (backbone, recipe, _, _) in enumerate(table)}
     for row in rows:
         key = (row["backbone"], row["recipe"])
         curves.plot(range(len(row["curve"])), row["curve"], color=colours[key], marker="o", markersize=3,
@@ -80,7 +80,6 @@ def plot(rows: list[dict], out_png: Path) -> None:
     curves.set(title="dev accuracy per epoch", xlabel="epoch", ylabel="top-1")
     curves.grid(alpha=0.3)
     curves.legend(fontsize=7)
-    table = summary(rows)
     for x, (backbone, recipe, mean, values) in enumerate(table):
         bars.bar(x, mean, color=colours[(backbone, recipe)], alpha=0.6)
         bars.scatter([x] * len(values), values, color="k", s=12, zorder=3)
@@ -97,9 +96,11 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=at_least(2), default=run_training.DEMO_ARGS["epochs"], help="for every run")
     p.add_argument("--seeds", type=at_least(0), nargs="+", default=[0, 1])
     p.add_argument("--backbones", choices=BACKBONES, nargs="+", default=list(BACKBONES))
+    p.add_argument("--recipes", choices=tuple(RECIPES), nargs="+", default=["original", "modern"])
+    p.add_argument("--name", default="recipes", help="the results' file names: RESULTS/NAME.csv and NAME.png")
     p.add_argument("--data-dir", type=Path, default=run_training.DEMO_ARGS["data_dir"], help="the demo's synthetic faces")
     p.add_argument("--runs", type=Path, default=Path("checkpoint/recipes"), help="each run's checkpoints and logs")
-    p.add_argument("--results", type=Path, default=Path("docs"), help="where recipes.csv and recipes.png go")
+    p.add_argument("--results", type=Path, default=Path("docs"), help="where the table and the plot go")
     args = p.parse_args(argv)
     try:
         generate(args.data_dir, **run_training.DEMO_DATA, seed=0)  # one data set for every run
@@ -107,20 +108,20 @@ def main(argv=None) -> int:
         raise DataError(str(error)) from error
     args.results.mkdir(parents=True, exist_ok=True)
     rows = []
-    with open(args.results / "recipes.csv", "w", newline="") as f:  # row by row: a stopped comparison keeps its runs
+    with open(args.results / f"{args.name}.csv", "w", newline="") as f:  # row by row: a stopped comparison keeps its runs
         writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
         writer.writeheader()
         for backbone in args.backbones:
             for seed in args.seeds:
-                for recipe in RECIPES:
+                for recipe in args.recipes:
                     out = args.runs / f"{backbone}-{recipe}-seed{seed}"
                     rows.append(train(args.data_dir, out, backbone, recipe, seed, args.epochs))
                     writer.writerow(rows[-1])
                     f.flush()
-    plot(rows, args.results / "recipes.png")
+    plot(rows, args.results / f"{args.name}.png")
     for backbone, recipe, mean, values in summary(rows):
         print(f"{backbone:9s} {recipe:9s} best dev accuracy {mean:.4f} (seeds: {', '.join(f'{v:.4f}' for v in values)})")
-    print(f"wrote {args.results / 'recipes.csv'} and {args.results / 'recipes.png'}")
+    print(f"wrote {args.results / f'{args.name}.csv'} and {args.results / f'{args.name}.png'}")
     return 0
 
 
