@@ -263,9 +263,6 @@ def train(args) -> int:
     if resumed is not None:
         model = model_from_checkpoint(args.resume_from, resumed)  # first: a damaged or foreign file is one line
         take_settings(args, resumed, args.resume_from)
-        if reason := nothing_left(args, resumed, args.resume_from):
-            print(reason)
-            return 0
 
     data = FaceDataModule(
         args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, image_size=args.image_size,
@@ -274,6 +271,9 @@ def train(args) -> int:
     )
     data.setup("fit")
     model = build_model(args, data, model if resumed else None)
+    if resumed is not None and (reason := nothing_left(args, resumed, args.resume_from)):
+        print(reason)
+        return 0
     model.example_input_array = torch.zeros(1, *data.train_dataset[0][0].shape)  # the summary's shapes and FLOPs
     accelerator, precision = resolve_accelerator(args)
     # leave a core to each data worker (oversubscribed cores thrash), unless OMP_NUM_THREADS decides
