@@ -534,7 +534,7 @@ def test_batch_augment_without_jitter_or_rotation_only_flips_and_normalises():
 
 
 class FakeTrainer:
-    training = True
+    training, world_size = True, 1
     strategy = type("Strategy", (), {"root_device": torch.device("cpu")})()
 
 
