@@ -186,21 +186,21 @@ class BatchAugment(torch.nn.Module):
         x = rotate_and_flip(images, params["angle"].tolist(), params["flip"])
         factors = params["factors"].view(-1, 4, 1, 1, 1)
         adjustments = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        orders = params["order"].tolist()
         for step in range(4):
             for op, adjust in enumerate(adjustments):
-                if self.spreads[op]:
-                    x = _on_some(x, params["order"][:, step] == op, adjust, factors[:, op])
+                chosen = [i for i, order in enumerate(orders) if order[step] == op]
+                if self.spreads[op] and chosen:
+                    x = _on_some(x, chosen, adjust, factors[:, op])
         return (x.float().mul_(1 / 255) - self.mean) / self.std
 
 
-def _on_some(images: torch.Tensor, chosen: torch.Tensor, adjust, factors: torch.Tensor) -> torch.Tensor:
-    """images with adjust(subset, their factors) applied where the CPU mask `chosen` is set.
-    Indices are found on the CPU and copied over, so a GPU batch never waits."""
-    index = chosen.nonzero().squeeze(1)
-    if len(index) == len(images):
+def _on_some(images: torch.Tensor, chosen: list[int], adjust, factors: torch.Tensor) -> torch.Tensor:
+    """images with adjust(the chosen ones, their factors) applied to the chosen ones. The indices
+    come from the CPU, so a GPU batch never waits."""
+    if len(chosen) == len(images):
         return adjust(images, factors.to(images.device))
-    if not len(index):
-        return images
+    index = torch.tensor(chosen)
     on_device = index.to(images.device, non_blocking=True)
     return images.index_copy(0, on_device, adjust(images.index_select(0, on_device), factors[index].to(images.device)))
 
