@@ -454,8 +454,8 @@ def main(argv=None):
     print("|---|---|---:|---:|")
     for kind, per_worker in data.items():
         print(f"| {kind} | per CPU worker | {per_worker:.0f} | {math.ceil(best / per_worker)} |")
-    for kind, rate in on_device.items():
-        print(f"| {kind} | {device.type}, batches of {device_batch} | {rate:.0f} | - |")
+    for kind, device_rate in on_device.items():
+        print(f"| {kind} | {device.type}, batches of {device_batch} | {device_rate:.0f} | - |")
     print()
     print(f"data path, CPU decode + augment: {data['decode + augment'] / data[next(iter(data))]:.2f}x the original's "
           f"per worker (target >= 1.50x); on the {device.type}, decode + augment takes "
