@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import run_training
-from data import DataError
-from training import FaceClassifier, epoch_metrics
+from cli import UserError
+from training import FaceClassifier, epoch_metrics, model_from_checkpoint, read_checkpoint
 from tests.conftest import FAST, TINY_SET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,8 @@ def test_recompute_gelu_is_for_the_run_it_is_given_to(tiny_faces, tmp_path):
         args = run_training.parse_args(["--data-dir", str(tiny_faces), *FAST, *argv])
         data = FaceDataModule(tiny_faces, batch_size=8, num_workers=0)
         data.setup("fit")
-        model = run_training.build_model(args, data, resume_from)
+        resumed = model_from_checkpoint(resume_from, read_checkpoint(resume_from)) if resume_from else None
+        model = run_training.build_model(args, data, resumed)
         return [block.recompute_gelu for block in model.modules() if isinstance(block, ConvNeXtBlock)]
 
     out = tmp_path / "recompute"
@@ -107,7 +108,7 @@ def test_recompute_gelu_is_for_the_run_it_is_given_to(tiny_faces, tmp_path):
     assert recomputing([], out / "last.ckpt") == [False] * 4  # not part of the checkpoint
     assert recomputing(["--recompute-gelu"], out / "last.ckpt") == [True] * 4  # turned on when resuming
     assert recomputing(["--recompute-gelu"]) == [True] * 4
-    with pytest.raises(DataError, match="the convnext backbone has no FaceNN ConvNeXt blocks"):
+    with pytest.raises(UserError, match="the convnext backbone has no FaceNN ConvNeXt blocks"):
         recomputing(["--recompute-gelu", "--backbone", "convnext"])
 
 
