@@ -88,10 +88,10 @@ class FaceNN(nn.Module):
     """The face classifier. `forward_features` gives the pooled embedding (for verification);
     `forward` the logits over identities.
 
-    It computes in channels_last whatever the layout of its input: the 1x1 convolutions of the
-    ConvNeXt blocks are matmuls over the NHWC view, which an NCHW tensor would have to copy for, and
-    CPU and GPU convolutions are faster on NHWC. `model.to(memory_format=torch.channels_last)`
-    also puts the weights in that layout, which spares reordering them at every call."""
+    It computes in the memory layout it is given, like torchvision's networks; channels_last
+    (weights and input) is the fast one, because the 1x1 convolutions of the ConvNeXt blocks are
+    matmuls over the NHWC view, which an NCHW tensor has to be copied for. training.FaceClassifier
+    runs every backbone that way."""
 
     def __init__(
         self,
@@ -113,7 +113,6 @@ class FaceNN(nn.Module):
         self.head = Head(widths[-1], num_classes, head_layers)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)  # see the class docstring
         return self.head.pool(self.body(self.stem(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,6 @@ class FaceClassifier(L.LightningModule):
         max_epochs: int = 60,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 1.0,
-        channels_last: bool = True,
     ):
         super().__init__()
         # the class names go into the checkpoint itself (on_save_checkpoint), not into every
@@ -74,18 +73,18 @@ class FaceClassifier(L.LightningModule):
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.model = BACKBONES[backbone](num_classes, **(architecture or {}))
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model.to(memory_format=self.memory_format)
+        # the one place that decides the memory layout, for training and inference alike
+        self.model.to(memory_format=torch.channels_last)
         self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=self.memory_format))
+        return self.model(x.contiguous(memory_format=torch.channels_last))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised pooled features, for verification by cosine similarity."""
-        return F.normalize(self.model.forward_features(x.contiguous(memory_format=self.memory_format)), dim=1)
+        return F.normalize(self.model.forward_features(x.contiguous(memory_format=torch.channels_last)), dim=1)
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -158,7 +157,8 @@ def read_checkpoint(path) -> dict:
 def model_from_checkpoint(path, checkpoint: dict) -> FaceClassifier:
     """The FaceClassifier a checkpoint describes, with its weights, in training mode as a new module is."""
     try:
-        model = FaceClassifier(**checkpoint["hyper_parameters"], class_names=checkpoint["class_names"])
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k != "channels_last"}  # an older flag
+        model = FaceClassifier(**hparams, class_names=checkpoint["class_names"])
         model.load_state_dict(checkpoint["state_dict"])
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
         raise UserError(f"{path}: its weights or settings do not fit FaceClassifier ({CHECKPOINT_HELP})") from error
