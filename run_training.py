@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -29,7 +29,7 @@ from cli import ArgumentParser, at_least, finite_float, keep_freed_memory, run
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from predict import load_model, pick_device
 from residual_blocks import ConvNeXtBlock
-from training import BACKBONES, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
+from training import BACKBONES, FaceClassifier, ResumableCSVLogger, ThroughputMonitor, plot_curves
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
 KAGGLE_HELP = (
@@ -42,6 +42,7 @@ DEMO_DATA = dict(
     identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10, image_size=64,
     verification_identities=10, pairs=300,
 )
+LOG_EVERY_N_STEPS = 10
 DEMO_ARGS = dict(
     data_dir=Path("demo_data"), out=Path("checkpoint/demo"), epochs=15, warmup_epochs=1, batch_size=64,
     lr=2e-3, widths="32,64,128,256", depths="1,1,3,1", accelerator="cpu", num_workers=1, wandb="off", overwrite=True,
@@ -200,7 +201,9 @@ def main(argv=None) -> int:
     # two callbacks: Lightning's save_last only follows epochs that improved the monitored metric
     last = AtomicCheckpoint(dirpath=args.out, filename="last", enable_version_counter=False)
     best = AtomicCheckpoint(dirpath=args.out, filename="best", monitor="val_acc", mode="max", enable_version_counter=False)
-    callbacks = [last, LearningRateMonitor("epoch"), Throughput()]
+    # the bar reads the loss from the GPU when it redraws: on a GPU only at the steps the loggers write
+    bar = TQDMProgressBar(refresh_rate=1 if accelerator == "cpu" else LOG_EVERY_N_STEPS)
+    callbacks = [last, LearningRateMonitor("epoch"), ThroughputMonitor(), bar]
     if validate:
         callbacks += [best, EarlyStopping("val_loss", patience=args.patience)]
     # flushed at every log call, so a killed run keeps its log
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
         trainer = L.Trainer(
             accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
             precision=precision, max_epochs=model.hparams.max_epochs, callbacks=callbacks, logger=loggers,
-            default_root_dir=args.out, benchmark=True, log_every_n_steps=10,
+            default_root_dir=args.out, benchmark=True, log_every_n_steps=LOG_EVERY_N_STEPS,
         )
     except (MisconfigurationException, ValueError) as error:  # --accelerator, --devices, --strategy, --precision
         raise DataError(" ".join(str(error).split())) from error
@@ -221,6 +224,7 @@ def main(argv=None) -> int:
         f"data: {len(data.train_dataset):,} train images, "
         + (f"{len(data.val_dataset):,} dev images, " if validate else "dev merged into train (--full), ")
         + f"{data.num_classes:,} identities | batch {args.batch_size} per device, {args.batch_size * world} global"
+        + f" | {data.num_workers} data workers per device"
     )
     if args.overwrite and resume_from is None:
         clear_earlier_run(args.out)
@@ -241,6 +245,9 @@ def main(argv=None) -> int:
         print(f"rank {trainer.global_rank}: dev accuracy {trainer.callback_metrics['val_acc']:.6f}")
     if not trainer.is_global_zero:
         return 0
+    if trainer.strategy.root_device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device)
+        print(f"peak GPU memory (torch.cuda.max_memory_allocated): {peak / 1e9:.2f} GB")
     plot_curves(args.out / "metrics.csv", args.out / "curves.png")
     if validate:
         print(f"best dev accuracy {best.best_model_score:.4f}: {best.best_model_path}")
