@@ -23,6 +23,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from cli import ArgumentParser, UserError, at_least
+
 KAGGLE_MEAN = (0.5103, 0.4014, 0.3509)
 KAGGLE_STD = (0.2708, 0.2363, 0.2226)
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -31,15 +33,8 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 DECODE_ERRORS = (OSError, SyntaxError, ValueError)
 
 
-class DataError(Exception):
-    """A problem with the user's data, told in one line naming the path and what was expected.
-
-    The scripts print it as `error: <message>` rather than a traceback. A DataLoader worker
-    re-raises it with the worker's traceback in front of that line; str() keeps only the line.
-    """
-
-    def __str__(self) -> str:
-        return super().__str__().rstrip().rpartition("DataError: ")[2]
+class DataError(UserError):
+    """A problem with the user's data, told in one line naming the path and what was expected."""
 
 
 def _compose(augmentation: list, mean, std, image_size: int | None) -> v2.Compose:
@@ -251,6 +246,7 @@ class FaceDataModule(L.LightningDataModule):
         std=KAGGLE_STD,
         pin_memory: bool | None = None,
         augment_on_device: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         data_dir = str(data_dir)  # saved as text: a Path would stop torch.load(weights_only=True) resuming
@@ -309,11 +305,12 @@ class FaceDataModule(L.LightningDataModule):
         images, labels = batch
         return self.batch_augment.to(images.device)(images), labels
 
-    def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset, sampler=None, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.hparams.seed),  # the workers' seeds: not the global RNG's
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -328,7 +325,9 @@ class FaceDataModule(L.LightningDataModule):
         # one each epoch); otherwise every image is used.
         world = self.trainer.world_size if self.trainer is not None else 1
         per_device = -(-len(self.train_dataset) // world)  # DistributedSampler pads to equal shares
-        return self._loader(self.train_dataset, shuffle=True, drop_last=per_device % self.hparams.batch_size == 1)
+        epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0)
+        return self._loader(EpochSeeded(self.train_dataset, self.hparams.seed), EpochShuffle(len(self.train_dataset), epoch),
+                            drop_last=per_device % self.hparams.batch_size == 1)
 
     def val_dataloader(self):
         # Lightning skips validation for an empty list of loaders (full mode has no dev set).
@@ -338,6 +337,40 @@ class FaceDataModule(L.LightningDataModule):
         if self.test_dataset is None:
             raise DataError(f"{Path(self.hparams.data_dir) / 'test'}: directory not found (expected test images)")
         return self._loader(self.test_dataset)
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A random order of the dataset's images that depends on the epoch alone, not on how the run got
+    there, so a run resumed from a checkpoint sees each epoch's images in the order an uninterrupted
+    run does. It hands out keys for EpochSeeded: epoch * size + index."""
+
+    def __init__(self, size: int, epoch):
+        self.size, self.epoch = size, epoch  # epoch: a function, read when each epoch starts
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        epoch = self.epoch()
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch))
+        return iter((epoch * self.size + order).tolist())
+
+
+class EpochSeeded(Dataset):
+    """The dataset, each image augmented from a random state of its own, seeded by (seed, epoch,
+    index): the same augmentation in an uninterrupted and a resumed run, in the main process or in
+    any worker, and the global random state left alone for mixup and the network."""
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + key) % 2**63)
+            return self.dataset[key % len(self.dataset)]
 
 
 def compute_mean_std(train_dir, image_size: int | None = None, max_images: int | None = None, num_workers: int = 0):
@@ -364,8 +397,6 @@ def compute_mean_std(train_dir, image_size: int | None = None, max_images: int |
 
 
 def main(argv=None) -> int:
-    from cli import ArgumentParser, at_least
-
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     stats = commands.add_parser("stats", help="mean/std of a train split, for --mean/--std")
@@ -382,6 +413,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from cli import run
-    from data import main  # the imported module's, so its DataError is the class cli.run catches
 
     run(main)

@@ -25,44 +25,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cli import ArgumentParser, at_least, keep_freed_memory, run
+from cli import ArgumentParser, at_least, check_outputs, keep_freed_memory, run
 from data import DEFAULT_WORKERS, DataError, FaceFolder, TestImages, collate_same_size, eval_transform, identity_folders
-from training import FaceClassifier
-
-CHECKPOINT_HELP = "expected a .ckpt written by run_training.py"
+from training import FaceClassifier, load_model
 
 
 # -----------------------------------------------------------------------------
 # the model and running it
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device here (expected a GPU, or --device cpu)")
-    return torch.device(name)
-
-
-def load_model(path, device: str = "auto") -> FaceClassifier:
-    """The model a checkpoint describes, in eval mode on `device`, whatever device it was saved from."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found ({CHECKPOINT_HELP})")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file fails in many ways: zip, pickle, EOF, key errors
-        reason = ": ".join(filter(None, [type(error).__name__, str(error).strip().split("\n")[0].split(". ")[0]]))
-        raise DataError(f"{path}: cannot read checkpoint ({reason}); {CHECKPOINT_HELP}") from error
-    keys = ("hyper_parameters", "class_names", "state_dict")
-    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in keys):
-        raise DataError(f"{path}: not a FaceClassifier checkpoint, no {'/'.join(keys)} ({CHECKPOINT_HELP})")
-    try:
-        model = FaceClassifier(**checkpoint["hyper_parameters"], class_names=checkpoint["class_names"])
-        model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as error:
-        raise DataError(f"{path}: its weights or settings do not fit FaceClassifier ({CHECKPOINT_HELP})") from error
-    return model.to(pick_device(device)).eval()
-
 
 def model_transform(model: FaceClassifier):
     """The images as the model saw them in validation: its size and normalisation."""
@@ -92,19 +61,28 @@ def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_worker
     return torch.cat(outputs), keys, len(keys) / (time.perf_counter() - start)
 
 
-def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS):
-    """(embeddings, file names, images per second) of every image under images_dir, sorted by name."""
+def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, names_out=None):
+    """(embeddings, file names, images per second) of every image under images_dir, sorted by name;
+    `names_out`, the file the names are to go to, one a line (checked before the work)."""
     images = TestImages(images_dir, model_transform(model))
+    if names_out is not None:
+        check_text([path.name for path in images.paths], names_out, lines=True)
     return run_model(model, images, embed=True, batch_size=batch_size, num_workers=num_workers, desc="embedding")
 
 
 # -----------------------------------------------------------------------------
 # files
 
-def check_output(path: Path) -> None:
-    """Fail before the work rather than after it."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory (expected a file name to write)")
+def check_text(names, out: Path, lines: bool = False) -> None:
+    """Refuse, before the work, a file name that `out` cannot hold: one that is not valid UTF-8 (a
+    name of raw bytes), or for a file of one name a line, one with a line break in it."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{name!r}: not a valid UTF-8 name, so {out} cannot hold it (rename it)") from None
+        if lines and ("\n" in name or "\r" in name):
+            raise DataError(f"{name!r}: has a line break, so {out} (one name a line) cannot hold it (rename it)")
 
 
 @contextmanager
@@ -161,11 +139,12 @@ def submit(checkpoint, test_dir, out, batch_size=256, num_workers=DEFAULT_WORKER
     """Writes the Kaggle submission (id,label for every test image, ids sorted); returns the row
     count, the unreadable images left out (skip_bad) and the inference speed."""
     out = Path(out)
-    check_output(out)
+    check_outputs({"--out": out}, {"--checkpoint": checkpoint, "--test-dir": test_dir})
     model = load_model(checkpoint, device)
     images = TestImages(test_dir, model_transform(model), skip_bad=skip_bad)
     if not images.paths:
         raise DataError(f"{test_dir}: none of its {len(images.skipped)} images can be read (expected JPEG/PNG)")
+    check_text([path.name for path in images.paths] + (model.class_names if label_names else []), out)
     logits, ids, rate = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="predicting")
     predicted = logits.argmax(1).tolist()
     labels = [model.class_names[index] for index in predicted] if label_names else predicted
@@ -221,9 +200,8 @@ def embed(checkpoint, images, out, batch_size=256, num_workers=DEFAULT_WORKERS, 
     file names, one a line in row order, beside it as .txt."""
     out = Path(out)
     names_out = out.with_suffix(".txt")
-    check_output(out)
-    check_output(names_out)
-    embeddings, names, _ = embed_images(load_model(checkpoint, device), images, batch_size, num_workers)
+    check_outputs({"--out": out, "the file names' list": names_out}, {"--checkpoint": checkpoint, "--images": images})
+    embeddings, names, _ = embed_images(load_model(checkpoint, device), images, batch_size, num_workers, names_out)
     with atomic_write(out, "wb") as f:
         np.save(f, embeddings.numpy())
     with atomic_write(names_out) as f:
@@ -283,9 +261,7 @@ def verify(checkpoint, pairs, images, out=None, roc=None, batch_size=256, num_wo
     metrics and, with `roc`, the ROC curve as a PNG."""
     header, rows = read_csv(pairs, ("img1", "img2"))
     truth = header[2:3] == ["same"]
-    for path in (out, roc):
-        if path:
-            check_output(Path(path))
+    check_outputs({"--out": out, "--roc": roc}, {"--checkpoint": checkpoint, "--pairs": pairs, "--images": images})
     if not rows:
         raise DataError(f"{pairs}: no pairs (expected rows img1,img2[,same])")
     if not truth and (roc or not out):

@@ -6,6 +6,7 @@ normalisation, and the checkpoint carries the class mapping (index -> identity f
 """
 
 import csv
+import os
 import time
 from pathlib import Path
 
@@ -13,14 +14,19 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import callbacks
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchvision.transforms import v2
 
 from architecture import NUM_CLASSES, FaceNN, convnext_baseline, train_flops
+from cli import UserError, pick_device
 from data import KAGGLE_MEAN, KAGGLE_STD
+
+CHECKPOINT_HELP = "expected a .ckpt written by run_training.py"
 
 
 def warmup_cosine(optimizer, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e-4, min_lr=1e-5):
@@ -162,6 +168,68 @@ class FaceClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.class_names = checkpoint["class_names"]
+        if checkpoint.get("lr_schedulers") and checkpoint["hyper_parameters"]["max_epochs"] != self.hparams.max_epochs:
+            continue_schedule(checkpoint, self.hparams)
+
+
+def continue_schedule(checkpoint: dict, hp) -> None:
+    """A run resumed with more (or fewer) --epochs: the schedule becomes the one over the new total,
+    at the epoch the run has reached. The restored scheduler and the optimiser's learning rate are
+    replaced by those of a stand-in optimiser stepped as far as the checkpoint's scheduler was."""
+    stand_in = torch.optim.SGD([torch.zeros(1)], lr=hp.lr)
+    scheduler = warmup_cosine(stand_in, hp.warmup_epochs, hp.max_epochs, hp.warmup_start_lr, hp.min_lr)
+    for _ in range(checkpoint["lr_schedulers"][0]["last_epoch"]):
+        scheduler.step()
+    checkpoint["lr_schedulers"][0] = scheduler.state_dict()
+    for group in checkpoint["optimizer_states"][0]["param_groups"]:
+        group["lr"] = stand_in.param_groups[0]["lr"]
+
+
+def read_checkpoint(path) -> dict:
+    """A run_training.py checkpoint's contents, checked: a missing, damaged or foreign file is a
+    UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found ({CHECKPOINT_HELP})")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file fails in many ways: zip, pickle, EOF, key errors
+        reason = ": ".join(filter(None, [type(error).__name__, str(error).strip().split("\n")[0].split(". ")[0]]))
+        raise UserError(f"{path}: cannot read checkpoint ({reason}); {CHECKPOINT_HELP}") from error
+    keys = ("hyper_parameters", "class_names", "state_dict")
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in keys):
+        raise UserError(f"{path}: not a FaceClassifier checkpoint, no {'/'.join(keys)} ({CHECKPOINT_HELP})")
+    return checkpoint
+
+
+def model_from_checkpoint(path, checkpoint: dict, **changes) -> FaceClassifier:
+    """The FaceClassifier a checkpoint describes, with its weights, in training mode as a new module
+    is; `changes` replace hyperparameters (a resumed run's new --epochs)."""
+    try:
+        model = FaceClassifier(**{**checkpoint["hyper_parameters"], **changes}, class_names=checkpoint["class_names"])
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        raise UserError(f"{path}: its weights or settings do not fit FaceClassifier ({CHECKPOINT_HELP})") from error
+    return model
+
+
+def load_model(path, device: str = "auto") -> FaceClassifier:
+    """The model a checkpoint describes, for inference: in eval mode on `device`, whatever device it
+    was saved from."""
+    return model_from_checkpoint(path, read_checkpoint(path)).to(pick_device(device)).eval()
+
+
+class EpochSeed(L.Callback):
+    """Seeds the random state of the training steps (mixup, drop-path, augmentation on the device)
+    at the start of each epoch from (seed, epoch), so that an epoch draws the same whether the run
+    got there in one go or was resumed from a checkpoint. The data's order and augmentation have
+    seeds of their own (data.EpochShuffle, data.EpochSeeded)."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        torch.manual_seed((self.seed * 1_000_003 + trainer.current_epoch) % 2**63)
 
 
 def images_in(batch) -> int:
@@ -217,9 +285,25 @@ class ThroughputMonitor(callbacks.ThroughputMonitor):
             pl_module.log("train_flop_per_s", world * rate * pl_module.flops_per_image, **log)
 
 
+class AtomicCheckpoint(ModelCheckpoint):
+    """Writes each checkpoint beside its target and renames it into place, so an interrupted
+    write never leaves a half-written file as the only copy."""
+
+    def _save_checkpoint(self, trainer, filepath):
+        partial = Path(f"{filepath}.partial")
+        try:
+            super()._save_checkpoint(trainer, str(partial))
+            if trainer.is_global_zero:
+                partial.replace(filepath)
+        finally:  # a failed write leaves the previous checkpoint alone; only rank 0 writes the file,
+            if trainer.is_global_zero:  # and another rank deleting it would race rank 0's rename (DDP)
+                partial.unlink(missing_ok=True)
+        self._last_checkpoint_saved = filepath
+
+
 class ResumableCSVLogger(CSVLogger):
-    """CSVLogger that, for a resumed run, continues the metrics.csv it finds instead of deleting
-    it (Lightning's CSVLogger removes an existing file when it starts)."""
+    """CSVLogger that, for a resumed run, appends to the metrics.csv it finds (Lightning's CSVLogger
+    deletes an existing file when it starts), leaving the rows already there byte for byte."""
 
     def __init__(self, save_dir, resume: bool = False, **kwargs):
         super().__init__(save_dir, name="", version="", **kwargs)
@@ -227,15 +311,18 @@ class ResumableCSVLogger(CSVLogger):
 
     @property
     def experiment(self):
-        if self._experiment is not None or not self.resume or rank_zero_only.rank != 0:
-            return super().experiment
-        path = Path(self.log_dir) / "metrics.csv"
-        kept = path.read_text() if path.is_file() else ""
-        writer = super().experiment
-        if kept:
-            path.write_text(kept)
-            writer.metrics_keys = kept.splitlines()[0].split(",")
-        return writer
+        if self._experiment is None and self.resume and rank_zero_only.rank == 0:
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return super().experiment
+
+
+class AppendingWriter(ExperimentWriter):
+    """The CSV writer that goes on from an existing metrics.csv, under its header, instead of deleting it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
 
 
 def epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:

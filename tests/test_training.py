@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import run_training
-from data import DataError
 from architecture import FaceNN, train_flops
+from cli import UserError
 from training import FaceClassifier, epoch_metrics, warmup_cosine
 from tests.conftest import FAST, TINY_SET
 
@@ -158,7 +158,7 @@ def test_recompute_gelu_is_for_the_run_it_is_given_to(tiny_faces, tmp_path):
     assert recomputing([], out / "last.ckpt") == [False] * 4  # not part of the checkpoint
     assert recomputing(["--recompute-gelu"], out / "last.ckpt") == [True] * 4  # turned on when resuming
     assert recomputing(["--recompute-gelu"]) == [True] * 4
-    with pytest.raises(DataError, match="the convnext backbone has no FaceNN ConvNeXt blocks"):
+    with pytest.raises(UserError, match="the convnext backbone has no FaceNN ConvNeXt blocks"):
         recomputing(["--recompute-gelu", "--backbone", "convnext"])
 
 
