@@ -11,6 +11,7 @@ import fcntl
 import math
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,9 +51,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc gives every allocation over 32 MB its own mmap and unmaps it on free, so each
     training step gets its largest activations as fresh pages that the kernel zero-fills at first
-    touch: measured on our 2-core CPU, FaceNN's train step (batch 16, 224 px) ran 1.3-1.5x faster
-    with this. CUDA's caching allocator does the same for GPU memory. The process then holds on to
-    its peak memory until it exits. Returns False where the C library is not glibc (Windows, macOS,
+    touch, which on CPU costs a training step much of its time (docs/performance.md). CUDA's
+    caching allocator does the same for GPU memory. The process then holds on to its peak memory
+    until it exits. Returns False where the C library is not glibc (Windows, macOS,
     musl)."""
     if not sys.platform.startswith("linux"):
         return False
@@ -105,16 +106,25 @@ def overlaps(output: Path, kept: Path) -> bool:
 @contextmanager
 def folder_lock(folder: Path, what: str):
     """Exclusive use of `folder` while the block runs, or a one-line refusal while another process
-    has it. The kernel lets go of the lock when its holder exits, however it ends (even SIGKILL),
-    so a killed run never leaves the folder locked."""
+    has it. The lock is the kernel's, on the folder itself (no lock file): it goes when its holder
+    exits, however it ends (even SIGKILL), so a killed run never leaves the folder locked. A folder
+    made here and left empty is removed again."""
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as handle:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"{folder}: another {what} is writing into it (wait for it to end, or give another "
                             "folder)") from None
-        yield  # closing the file lets go of the lock
+        except OSError as error:  # a file system without locks on folders (some NFS): go on unguarded
+            warnings.warn(f"{folder}: cannot be locked ({error.strerror}); make sure no other {what} writes into it")
+        yield
+    finally:
+        os.close(handle)  # lets go of the lock
+        if made and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def run(main) -> None:

@@ -11,7 +11,6 @@ Run `python data.py stats DIR/train` to measure the normalisation mean/std of an
 
 import os
 import warnings
-from itertools import chain
 from pathlib import Path
 
 import lightning as L
@@ -173,9 +172,12 @@ class TestImages(Dataset):
     """Every image under a test directory (flat, or one level of subfolders), sorted by file name,
     as (image tensor, file name) pairs: the file name is the submission's `id`.
 
-    An unreadable image is a DataError naming it, because the submission needs a row for every
-    image. With skip_bad=True every image is decoded up front and the unreadable ones are left
-    out and listed in `skipped`.
+    Every other entry is left out with one warning that names them and counts them in `ignored`:
+    files of other types (.gif, .txt), broken links, folders deeper down. Hidden files and folders
+    (.ipynb_checkpoints) are not test images, as they are not identities in train. An unreadable
+    image is a DataError naming it, because the submission needs a row for every image. With
+    skip_bad=True every image is decoded up front and the unreadable ones are left out and listed
+    in `skipped`.
     """
 
     __test__ = False  # a dataset, not a pytest test class
@@ -184,8 +186,14 @@ class TestImages(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: directory not found (expected test images {root}/*.jpg)")
-        files = [path for path in chain(root.glob("*"), root.glob("*/*")) if path.is_file()]
-        images = [path for path in files if has_file_allowed_extension(path.name, IMG_EXTENSIONS)]
+        entries = visible(root)
+        entries += [entry for folder in entries if folder.is_dir() for entry in visible(folder)]
+        images = [path for path in entries if path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS)]
+        self.ignored = sorted({*entries} - {*images} - {entry for entry in entries if entry.parent == root and entry.is_dir()})
+        if self.ignored:
+            warnings.warn(f"{root}: leaving out {len(self.ignored)} entries that are not images ("
+                          f"{', '.join(map(str, self.ignored[:3]))}{', ...' if len(self.ignored) > 3 else ''}; "
+                          f"expected {', '.join(IMG_EXTENSIONS)} files)")
         paths = sorted(images, key=lambda path: path.name)
         if not paths:
             raise DataError(f"{root}: no images (expected {root}/*.jpg or {root}/<folder>/*.jpg)")
@@ -213,6 +221,11 @@ class TestImages(Dataset):
         except DECODE_ERRORS as error:
             raise DataError(f"{path}: unreadable image ({error}); expected every test image to be readable") from error
         return self.transform(image), path.name
+
+
+def visible(folder: Path) -> list[Path]:
+    """The entries of a folder, hidden ones (a leading dot) left out."""
+    return [folder / entry.name for entry in os.scandir(folder) if not entry.name.startswith(".")]
 
 
 def collate_same_size(batch):
@@ -388,12 +401,19 @@ def compute_mean_std(train_dir, image_size: int | None = None, max_images: int |
     # One image at a time (batch_size=None): without image_size their sizes may differ.
     loader = DataLoader(Subset(images, indices), batch_size=None, num_workers=num_workers)
     pixel_sum, std_sum, pixel_count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    spread = 0  # images of more than one pixel: a single pixel has no std
     for image, _ in tqdm(loader, desc=f"mean/std of {train_dir}", unit="img"):
         pixels = image.flatten(1).double()
         pixel_sum += pixels.sum(1)
-        std_sum += pixels.std(1)
         pixel_count += pixels.shape[1]
-    return tuple((pixel_sum / pixel_count).tolist()), tuple((std_sum / count).tolist())
+        if pixels.shape[1] > 1:
+            std_sum += pixels.std(1)
+            spread += 1
+    if spread < count:
+        warnings.warn(f"{train_dir}: {count - spread} images of one pixel left out of the std (a pixel has no spread)")
+    if not spread:
+        raise DataError(f"{train_dir}: every image is a single pixel, so there is no std (expected real images)")
+    return tuple((pixel_sum / pixel_count).tolist()), tuple((std_sum / spread).tolist())
 
 
 def main(argv=None) -> int:

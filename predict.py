@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cli import ArgumentParser, at_least, check_outputs, keep_freed_memory, run
 from data import DEFAULT_WORKERS, DataError, FaceFolder, TestImages, collate_same_size, eval_transform, identity_folders
-from training import FaceClassifier, load_model
+from training import FaceClassifier, load_model, read_checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -149,7 +149,8 @@ def submit(checkpoint, test_dir, out, batch_size=256, num_workers=DEFAULT_WORKER
     predicted = logits.argmax(1).tolist()
     labels = [model.class_names[index] for index in predicted] if label_names else predicted
     write_csv(out, [("id", "label"), *zip(ids, labels)])
-    return dict(rows=len(ids), skipped=len(images.skipped), img_per_s=rate, device=str(model.device))
+    return dict(rows=len(ids), skipped=len(images.skipped), ignored=len(images.ignored), img_per_s=rate,
+                device=str(model.device))
 
 
 def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, tta=False, device="auto") -> dict:
@@ -168,9 +169,11 @@ def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, 
     return dict(images=len(labels), top1=hits[:, 0].double().mean().item(), top5=hits.any(1).double().mean().item())
 
 
-def score_submission(submission, labels, checkpoint=None) -> dict:
+def score_submission(submission, labels, checkpoint=None, label_names=False) -> dict:
     """Accuracy of a submission against ground truth whose labels are identity names. The
-    submission's labels may be names, or class indices that the checkpoint's class names map."""
+    submission's labels are class indices, which the checkpoint's class names map (what `submit`
+    writes), or with label_names=True identity names (`submit --label-names`): decided once for the
+    whole file, never guessed from the values (identity folders may be numbers)."""
     truth, predicted = read_labels(labels), read_labels(submission)
     missing, extra = sorted(truth.keys() - predicted.keys()), sorted(predicted.keys() - truth.keys())
     if missing:
@@ -179,18 +182,20 @@ def score_submission(submission, labels, checkpoint=None) -> dict:
         raise DataError(f"{submission}: {len(extra)} ids not in {labels}, e.g. {extra[0]} (expected the same ids)")
     if not truth:
         raise DataError(f"{labels}: no rows (expected id,label for every test image)")
-    names = load_model(checkpoint, "cpu").class_names if checkpoint else None
+    names = read_checkpoint(checkpoint)["class_names"] if checkpoint else None
     if names:
         unknown = sorted(set(truth.values()) - set(names))
         if unknown:
             raise DataError(f"{labels}: identity {unknown[0]} unknown to {checkpoint} ({len(unknown)} such)")
-    values = set(predicted.values())
-    if not (names and values <= set(names)) and all(value.isdigit() for value in values):  # class indices
+    if not label_names:
         if names is None:
-            raise DataError(f"{submission}: labels are class indices; pass --checkpoint to map them to identity names")
-        if bad := [value for value in values if int(value) >= len(names)]:
-            raise DataError(f"{submission}: label {bad[0]} is not a class index of {checkpoint} (0 to {len(names) - 1})")
-        predicted = {key: names[int(value)] for key, value in predicted.items()}
+            raise DataError(f"{submission}: its labels are class indices, as submit writes them: pass --checkpoint "
+                            "to map them to identity names (or --label-names if they are names)")
+        indices = {str(index): name for index, name in enumerate(names)}
+        if bad := sorted(set(predicted.values()) - indices.keys()):
+            raise DataError(f"{submission}: label {bad[0]!r} is not a class index of {checkpoint} (0 to {len(names) - 1}; "
+                            "--label-names if the labels are identity names)")
+        predicted = {key: indices[value] for key, value in predicted.items()}
     correct = sum(predicted[key] == label for key, label in truth.items())
     return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth))
 
@@ -314,6 +319,8 @@ def parse_args(argv=None):
     source.add_argument("--data-dir", type=Path, help="a labelled split, <identity>/*.jpg (needs --checkpoint)")
     source.add_argument("--submission", type=Path, help="a submission CSV to score (needs --labels)")
     p.add_argument("--labels", type=Path, help="ground truth CSV id,label with identity names")
+    p.add_argument("--label-names", action="store_true",
+                   help="the submission's labels are identity names (submit --label-names), not class indices")
     p.add_argument("--checkpoint", **checkpoint)
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
 
@@ -345,13 +352,14 @@ def main(argv=None) -> int:
         result = submit(args.checkpoint, args.test_dir, args.out, tta=args.tta, label_names=args.label_names,
                         skip_bad=args.skip_bad, **loading)
         left_out = f", leaving out {result['skipped']} unreadable images" if args.skip_bad else ""
+        left_out += f", leaving out {result['ignored']} entries that are not images" if result["ignored"] else ""
         print(f"wrote {result['rows']} rows to {args.out}{left_out}")
         print(f"inference: {result['img_per_s']:.1f} img/s on {result['device']}, decoding included")
     elif args.command == "evaluate" and args.data_dir:
         result = evaluate(args.checkpoint, args.data_dir, tta=args.tta, **loading)
         print(f"{args.data_dir}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on {result['images']} images")
     elif args.command == "evaluate":
-        result = score_submission(args.submission, args.labels, args.checkpoint)
+        result = score_submission(args.submission, args.labels, args.checkpoint, args.label_names)
         print(f"{args.submission}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']})")
     elif args.command == "embed":
         result = embed(args.checkpoint, args.images, args.out, **loading)

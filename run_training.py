@@ -43,6 +43,7 @@ RUN_SETTINGS = {
     **{flag: ("data", flag) for flag in ("batch_size", "subset_classes", "full", "seed")},
     "patience": ("early stopping", "patience"),
 }
+CHANGEABLE_ON_RESUME = {"batch_size"}  # the checkpoint's unless given: a smaller GPU may need a smaller batch
 KAGGLE_HELP = (
     "get the Kaggle data (kaggle competitions download -c 11-785-f23-hw2p2-classification, unzip so that "
     "DIR/train/<id>/*.jpg, DIR/dev/<id>/*.jpg and DIR/test/*.jpg exist), or try the synthetic demo: "
@@ -130,14 +131,14 @@ def resolve_accelerator(args) -> tuple[str, str]:
     return accelerator, precision
 
 
-def build_model(args, data: FaceDataModule, resume_from: Path | None = None, checkpoint: dict | None = None):
-    """The FaceClassifier to train, in training mode: a fresh one from the arguments, or the one the
-    checkpoint at `resume_from` describes (its weights; Lightning then restores the rest of the run)."""
-    if resume_from is not None:
-        checkpoint = checkpoint or read_checkpoint(resume_from)
-        model = model_from_checkpoint(resume_from, checkpoint, max_epochs=args.epochs)
+def build_model(args, data: FaceDataModule, resumed: FaceClassifier | None = None) -> FaceClassifier:
+    """The FaceClassifier to train, in training mode: a fresh one from the arguments, or the resumed
+    one, given its run's new length (Lightning then restores the rest of the run)."""
+    if resumed is not None:
+        model = resumed
         if model.class_names != data.class_names:
-            raise DataError(f"{resume_from} was trained on other identities than {args.data_dir}/train")
+            raise DataError(f"{args.resume_from} was trained on other identities than {args.data_dir}/train")
+        model.hparams.max_epochs = args.epochs
     else:
         architecture = dict(stem=args.stem, head_layers=args.head_layers) if args.backbone == "facenn" else {}
         architecture.update({k: v for k, v in (("widths", args.widths), ("depths", args.depths)) if v})
@@ -174,8 +175,8 @@ def checkpoint_to_resume(args) -> Path | None:
 
 def take_settings(args, checkpoint: dict, path: Path) -> None:
     """A resumed run's settings are its checkpoint's: each flag of RUN_SETTINGS takes the value the
-    checkpoint holds, and one given with another value is refused. --epochs may change: it sets the
-    run's new length."""
+    checkpoint holds, and one given with another value is refused. --epochs may change (the run's
+    new length), and so may CHANGEABLE_ON_RESUME."""
     early_stopping = next((state for key, state in checkpoint.get("callbacks", {}).items()
                            if key.startswith("EarlyStopping")), {})
     parts = {
@@ -190,6 +191,8 @@ def take_settings(args, checkpoint: dict, path: Path) -> None:
         kept = parts[part][name]
         kept = tuple(kept) if isinstance(kept, list) else kept
         given = tuple(getattr(args, flag)) if isinstance(getattr(args, flag), list) else getattr(args, flag)
+        if flag in args.given and flag in CHANGEABLE_ON_RESUME:
+            continue
         if flag in args.given and given != kept:
             option = "--" + flag.replace("_", "-")
             raise UserError(f"{option} {given} contradicts {path}, which was trained with {kept}: a resumed run "
@@ -231,7 +234,8 @@ def check_trainable(args, data: FaceDataModule, model: FaceClassifier, world: in
 
 
 def clear_earlier_run(out: Path) -> None:
-    """--overwrite: the earlier run's files go only once the new run is ready to start."""
+    """A new run's --out holds no earlier run's files: they go only once the new run is ready to
+    start (with --overwrite; otherwise there is no checkpoint to lose)."""
     for path in [*out.glob("*.ckpt"), out / "metrics.csv", out / "hparams.yaml"]:
         path.unlink(missing_ok=True)
 
@@ -259,6 +263,7 @@ def train(args) -> int:
     args.resume_from = checkpoint_to_resume(args)
     resumed = read_checkpoint(args.resume_from) if args.resume_from else None
     if resumed is not None:
+        model = model_from_checkpoint(args.resume_from, resumed)  # first: a damaged or foreign file is one line
         take_settings(args, resumed, args.resume_from)
         if reason := nothing_left(args, resumed, args.resume_from):
             print(reason)
@@ -270,7 +275,7 @@ def train(args) -> int:
         augment_on_device=args.augment_on_device, seed=args.seed,
     )
     data.setup("fit")
-    model = build_model(args, data, args.resume_from, resumed)
+    model = build_model(args, data, model if resumed else None)
     accelerator, precision = resolve_accelerator(args)
     # leave a core to each data worker (oversubscribed cores thrash), unless OMP_NUM_THREADS decides
     if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -286,7 +291,7 @@ def train(args) -> int:
         callbacks += [EarlyStopping("val_loss", patience=args.patience), best]
     callbacks.append(last)  # the last to save, so that it holds every other callback's state of its epoch
     # flushed at every log call, so a killed run keeps its log
-    loggers = [ResumableCSVLogger(args.out, resume=resumed is not None, flush_logs_every_n_steps=1)]
+    loggers = [ResumableCSVLogger(args.out, flush_logs_every_n_steps=1)]
     if args.wandb != "off":
         loggers.append(WandbLogger(project="FaceClassifier", save_dir=args.out, offline=args.wandb == "offline"))
     try:
@@ -307,7 +312,7 @@ def train(args) -> int:
         + f" | {data.num_workers} data workers per device"
         + (f"\nresuming {args.resume_from} at epoch {resumed['epoch'] + 1} of {args.epochs}" if resumed else "")
     )
-    if args.overwrite and resumed is None:
+    if resumed is None:  # --overwrite, or what a run left that stopped before its first checkpoint
         clear_earlier_run(args.out)
     if args.compile:  # the network alone: in place, so the checkpoint's keys stay those of the plain model
         model.model.compile()

@@ -102,7 +102,7 @@ def test_scoring_a_submission_counts_the_right_labels(submission, checkpoint, ti
     assert predict.score_submission(submission, tiny_faces / "test_labels.csv", checkpoint)["accuracy"] == by_hand
     named = tmp_path / "named.csv"
     named.write_text("id,label\n" + "".join(f"{key},{names[int(label)]}\n" for key, label in rows))
-    assert predict.score_submission(named, tiny_faces / "test_labels.csv")["accuracy"] == by_hand  # names need no checkpoint
+    assert predict.score_submission(named, tiny_faces / "test_labels.csv", label_names=True)["accuracy"] == by_hand  # names need no checkpoint
     with pytest.raises(DataError, match="pass --checkpoint"):
         predict.score_submission(submission, tiny_faces / "test_labels.csv")
     short = tmp_path / "short.csv"

@@ -209,3 +209,28 @@ def test_resumed_log_keeps_its_line_endings(trained_run, tiny_faces, tmp_path):
     with open(out / "metrics.csv", newline="") as f:
         assert sum(1 for row in csv.DictReader(f) if row["epoch"] == "8" and row["val_acc"]) == 1
     assert (out / "metrics.csv").read_bytes().startswith(before)
+
+
+@pytest.mark.parametrize("logger", ["lightning", "ours"])
+def test_the_log_survives_where_lightnings_csv_logger_loses_it(tmp_path, monkeypatch, logger):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from training import ResumableCSVLogger
+
+    log = tmp_path / "metrics.csv"
+    earlier = b"epoch,step,val_acc\r\n0,7,0.25\r\n"
+    log.write_bytes(earlier)
+    writer = (CSVLogger(tmp_path, name="", version="") if logger == "lightning" else ResumableCSVLogger(tmp_path)).experiment
+    kept_at_start = log.exists()
+    writer.log_metrics({"val_acc": 0.5, "train_loss": 1.0}, step=15)  # a new column: the file is rewritten
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    with pytest.raises(OSError):
+        writer.save()
+    if logger == "lightning":  # deleted at the start, or truncated by the failed rewrite
+        assert not kept_at_start or not log.read_bytes().startswith(earlier)
+    else:
+        assert kept_at_start and log.read_bytes() == earlier

@@ -14,7 +14,7 @@ import torch
 import run_training
 from architecture import FaceNN, train_flops
 from cli import UserError
-from training import FaceClassifier, epoch_metrics, warmup_cosine
+from training import FaceClassifier, epoch_metrics, model_from_checkpoint, read_checkpoint, warmup_cosine
 from tests.conftest import FAST, TINY_SET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,8 @@ def test_recompute_gelu_is_for_the_run_it_is_given_to(tiny_faces, tmp_path):
         args = run_training.parse_args(["--data-dir", str(tiny_faces), *FAST, *argv])
         data = FaceDataModule(tiny_faces, batch_size=8, num_workers=0)
         data.setup("fit")
-        model = run_training.build_model(args, data, resume_from)
+        resumed = model_from_checkpoint(resume_from, read_checkpoint(resume_from)) if resume_from else None
+        model = run_training.build_model(args, data, resumed)
         return [block.recompute_gelu for block in model.modules() if isinstance(block, ConvNeXtBlock)]
 
     out = tmp_path / "recompute"
