@@ -23,10 +23,12 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
+from cli import ArgumentParser
 from training import epoch_metrics
 
 ROOT = Path(__file__).resolve().parent
@@ -151,8 +153,6 @@ def tail(output: str, lines: int = 40) -> str:
 
 
 def environment(dry: bool) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     def installed(name):
         try:
             return version(name)
@@ -270,8 +270,8 @@ def goals(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry", action="store_true", help="the same steps at tiny sizes on the CPU, without the cuda tests' GPU")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry", action="store_true", help="the same steps at tiny sizes on the CPU (the cuda tests skip themselves)")
     parser.add_argument("--work", type=Path, help="data, runs and logs (default: gpu_check/ or gpu_check_dry/ under the system's temp dir)")
     parser.add_argument("--report", type=Path, help="the markdown report (default: docs/gpu.md; with --dry, WORK/gpu.md)")
     parser.add_argument("--budget", type=float, help="seconds for the whole check (default: 390, or 400 with --dry)")
