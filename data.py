@@ -292,6 +292,8 @@ class FaceDataModule(L.LightningDataModule):
             expected = f"subset_classes from 1 to {len(identities)}, not {hp.subset_classes}"
             raise DataError(f"{train_dir}: has {len(identities)} identities (expected {expected})")
         class_names = identities[: hp.subset_classes]
+        if len(class_names) < 2:
+            raise DataError(f"{train_dir}: one identity, {class_names[0]} (expected at least 2 to tell apart)")
 
         if hp.augment_on_device:
             augment = decode_transform(hp.image_size)

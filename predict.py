@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import multiclass_accuracy
 from tqdm import tqdm
 
 from cli import ArgumentParser, at_least, check_outputs, keep_freed_memory, run
@@ -164,9 +165,9 @@ def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, 
                         f"({len(unknown)} such; expected identities it was trained on)")
     images = FaceFolder(data_dir, model.class_names, model_transform(model))
     logits, labels, _ = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="evaluating")
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = top5 == torch.tensor(labels)[:, None]
-    return dict(images=len(labels), top1=hits[:, 0].double().mean().item(), top5=hits.any(1).double().mean().item())
+    labels, classes = torch.tensor(labels), logits.shape[1]
+    top1, top5 = (multiclass_accuracy(logits, labels, classes, top_k=min(k, classes), average="micro").item() for k in (1, 5))
+    return dict(images=len(labels), top1=top1, top5=top5)
 
 
 def score_submission(submission, labels, checkpoint=None, label_names=False) -> dict:

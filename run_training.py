@@ -223,14 +223,13 @@ def check_trainable(args, data: FaceDataModule, model: FaceClassifier, world: in
                         "batch (expected at least 2 images a device)")
     if args.batch_size == 1 and model.hparams.backbone == "facenn":
         # BatchNorm cannot train on one value per channel: at batch 1 the last stage must be over 1x1
-        image = data.train_dataset[0][0]
         model.eval()
         with torch.no_grad():
-            last_stage = model.model.body(model.model.stem(image[None].float()))
+            last_stage = model.model.body(model.model.stem(model.example_input_array))
         model.train()
         if last_stage.shape[-2:].numel() < 2:
-            raise UserError(f"--batch-size 1 with {image.shape[-1]} px images: BatchNorm has one value a channel to "
-                            "train on in the last stage (use --batch-size 2 or more, or larger --image-size)")
+            raise UserError(f"--batch-size 1 with {model.example_input_array.shape[-1]} px images: BatchNorm has one value a "
+                            "channel to train on in the last stage (use --batch-size 2 or more, or larger --image-size)")
 
 
 def clear_earlier_run(out: Path) -> None:
@@ -265,9 +264,6 @@ def train(args) -> int:
     if resumed is not None:
         model = model_from_checkpoint(args.resume_from, resumed)  # first: a damaged or foreign file is one line
         take_settings(args, resumed, args.resume_from)
-        if reason := nothing_left(args, resumed, args.resume_from):
-            print(reason)
-            return 0
 
     data = FaceDataModule(
         args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, image_size=args.image_size,
@@ -276,6 +272,10 @@ def train(args) -> int:
     )
     data.setup("fit")
     model = build_model(args, data, model if resumed else None)
+    if resumed is not None and (reason := nothing_left(args, resumed, args.resume_from)):
+        print(reason)
+        return 0
+    model.example_input_array = torch.zeros(1, *data.train_dataset[0][0].shape)  # the summary's shapes and FLOPs
     accelerator, precision = resolve_accelerator(args)
     # leave a core to each data worker (oversubscribed cores thrash), unless OMP_NUM_THREADS decides
     if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from architecture import NUM_CLASSES, FaceNN, convnext_baseline, train_flops
@@ -78,6 +79,8 @@ class FaceClassifier(L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.flops_per_image: int | None = None  # counted at the first training batch, when its size is known
         self.flops_per_batch: int | None = None  # what ThroughputMonitor reads
         self.first_bad_loss: torch.Tensor | None = None  # step, epoch and value; see watch_loss
@@ -147,12 +150,9 @@ class FaceClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         images, labels = batch
         logits = self(images)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        metrics = {
-            "val_loss": F.cross_entropy(logits, labels),
-            "val_acc": (top5[:, 0] == labels).float().mean(),
-            "val_top5": (top5 == labels[:, None]).any(dim=1).float().mean(),
-        }
+        self.val_top1(logits, labels)
+        self.val_top5(logits, labels)
+        metrics = {"val_loss": F.cross_entropy(logits, labels), "val_acc": self.val_top1, "val_top5": self.val_top5}
         self.log_dict(metrics, prog_bar=True, batch_size=len(labels), sync_dist=True)
 
     def configure_optimizers(self):

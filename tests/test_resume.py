@@ -15,7 +15,7 @@ import torch
 
 import run_training
 from cli import UserError, folder_lock
-from data import DataError
+from data import DataError, FaceDataModule
 from training import AtomicCheckpoint, FaceClassifier, epoch_metrics, warmup_cosine
 from tests.conftest import FAST
 
@@ -188,17 +188,23 @@ def test_batch_of_one_on_a_one_by_one_last_stage_is_refused(tiny_faces, tmp_path
 
 def test_a_set_too_small_for_one_batch_is_refused_before_training(tiny_faces, tmp_path):
     data = shutil.copytree(tiny_faces, tmp_path / "data")
-    images = sorted((data / "train").rglob("*.jpg"))
-    for image in images[1:]:
-        image.unlink()
-    for folder in (data / "train").iterdir():
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    for folder in (data / "dev").iterdir():
-        if not (data / "train" / folder.name).exists():
-            shutil.rmtree(folder)
-    with pytest.raises(DataError, match="1 images for 1 devices make no training batch"):
+    for folder in (data / "train").iterdir():  # one image an identity
+        for image in sorted(folder.iterdir())[1:]:
+            image.unlink()
+    args = run_training.parse_args(["--data-dir", str(data), *FAST])
+    module = FaceDataModule(data, batch_size=8, num_workers=0)
+    module.setup("fit")
+    model = run_training.build_model(args, module)
+    model.example_input_array = torch.zeros(1, 3, 48, 48)
+    run_training.check_trainable(args, module, model, world=2)  # 4 images: 2 a device, one batch each
+    with pytest.raises(DataError, match="4 images for 4 devices make no training batch"):
+        run_training.check_trainable(args, module, model, world=4)
+    for folder in sorted((data / "train").iterdir())[1:]:
+        shutil.rmtree(folder)
+        shutil.rmtree(data / "dev" / folder.name)
+    with pytest.raises(DataError, match="one identity, n000001 .expected at least 2"):
         train(data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resumed_log_keeps_its_line_endings(trained_run, tiny_faces, tmp_path):
