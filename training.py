@@ -141,7 +141,7 @@ class FaceClassifier(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # at the steps the loggers write, which wait for the GPU to read the loss anyway
-        if (self.trainer.global_step) % self.trainer.log_every_n_steps == 0:
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
             self.raise_if_diverged()
 
     def on_train_epoch_end(self) -> None:
