@@ -7,7 +7,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from architecture import FaceNN, conv_backward_flops, convnext_baseline, count_parameters
-from bench import PART_ROWS, LiveMemory, parts
+from bench import PART_ROWS, parts
+from memory import LiveMemory
 
 
 def check_quick_run(output: str) -> None:
