@@ -4,6 +4,7 @@
     python run_training.py --full                 # the seed's final run: train+dev, no validation
     python run_training.py --resume               # continue checkpoint/last.ckpt
     python run_training.py --demo                 # synthetic faces, CPU, a few minutes
+    python run_training.py --loss arcface --init-from checkpoint/best.ckpt --epochs 10 --out checkpoint/arcface
 
 Writes into --out: last.ckpt, best.ckpt (best dev accuracy), metrics.csv, curves.png and, with
 --wandb, an offline or online wandb run.
@@ -29,7 +30,7 @@ from cli import ArgumentParser, at_least, finite_float, keep_freed_memory, run
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from predict import load_model, pick_device
 from residual_blocks import ConvNeXtBlock
-from training import BACKBONES, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
+from training import BACKBONES, MARGINS, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
 KAGGLE_HELP = (
@@ -40,7 +41,7 @@ KAGGLE_HELP = (
 # The demo: a synthetic face set small enough to learn on two CPU cores in a few minutes.
 DEMO_DATA = dict(
     identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10, image_size=64,
-    verification_identities=10, pairs=300,
+    verification_identities=40, pairs=3000, unknown_per_identity=2,
 )
 DEMO_ARGS = dict(
     data_dir=Path("demo_data"), out=Path("checkpoint/demo"), epochs=15, warmup_epochs=1, batch_size=64,
@@ -81,7 +82,18 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=at_least(1e-12, float), default=RECIPE["lr"], help="peak learning rate")
     p.add_argument("--weight-decay", type=at_least(0.0, float), default=RECIPE["weight_decay"])
     p.add_argument("--label-smoothing", type=at_least(0.0, float), default=RECIPE["label_smoothing"])
-    p.add_argument("--mixup-alpha", type=at_least(0.0, float), default=RECIPE["mixup_alpha"], help="0 turns mixup off")
+    p.add_argument("--mixup-alpha", type=at_least(0.0, float),
+                   help=f"0 turns mixup off (default {RECIPE['mixup_alpha']}; off with a margin loss, which refuses it)")
+    p.add_argument("--loss", choices=("ce", *MARGINS), default="ce",
+                   help="ce: cross-entropy on the head's logits; arcface/cosface: a margin loss on the normalised "
+                        "embedding (best as fine-tuning: --init-from a ce checkpoint)")
+    p.add_argument("--margin", type=at_least(0.0, float),
+                   help="of --loss arcface (an angle, radians) or cosface (a cosine); default the paper's: "
+                        + ", ".join(f"{loss} {m}" for loss, m in MARGINS.items()))
+    p.add_argument("--scale", type=at_least(1e-3, float), default=RECIPE["scale"], help="of a margin loss's cosine logits")
+    p.add_argument("--init-from", type=Path, metavar="CKPT",
+                   help="start from this checkpoint's weights (same identities and architecture flags), with a new "
+                        "optimiser and schedule; a head of another --loss starts fresh")
     p.add_argument("--image-size", type=at_least(MIN_IMAGE_SIZE), help="resize images to this (default: as stored)")
     p.add_argument("--subset-classes", type=at_least(1), help="prototype on the first N identities")
     p.add_argument("--full", action="store_true", help="train on train+dev, without validation")
@@ -112,6 +124,15 @@ def parse_args(argv=None):
     if args.demo:  # the demo's settings, unless given on the command line
         p.set_defaults(**DEMO_ARGS)
         args = p.parse_args(argv)
+    if args.loss != "ce" and args.mixup_alpha:
+        p.error(f"--mixup-alpha {args.mixup_alpha} with --loss {args.loss}: mixup mixes two classes, the margin needs "
+                "one true class (leave mixup out)")
+    if args.loss == "ce" and args.margin is not None:
+        p.error("--margin is for --loss arcface or cosface")
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run from a checkpoint's weights, --resume continues one: pick one")
+    if args.mixup_alpha is None:
+        args.mixup_alpha = RECIPE["mixup_alpha"] if args.loss == "ce" else 0.0
     widths, depths = (args.widths or WIDTHS), (args.depths or DEPTHS)
     if len(widths) != len(depths):
         p.error(f"--widths {widths} and --depths {depths} need one value per stage each")
@@ -137,8 +158,14 @@ def build_model(args, data: FaceDataModule, resume_from: Path | None) -> FaceCla
             num_classes=data.num_classes, class_names=data.class_names, architecture=architecture,
             backbone=args.backbone, image_size=args.image_size, mean=data.hparams.mean, std=data.hparams.std, lr=args.lr,
             weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, max_epochs=args.epochs,
-            label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha,
+            label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha, loss=args.loss, margin=args.margin,
+            scale=args.scale,
         )
+        if args.init_from:  # fine-tuning: the weights of another run, this run's optimiser and schedule
+            try:
+                model.init_from(load_model(args.init_from, device="cpu"))
+            except ValueError as error:
+                raise DataError(f"--init-from {args.init_from}: {error}") from error
     if args.recompute_gelu:  # memory for time, not architecture: for this run only, fresh or resumed
         blocks = [block for block in model.modules() if isinstance(block, ConvNeXtBlock)]
         if not blocks:
@@ -252,18 +279,25 @@ def main(argv=None) -> int:
 
 def score_demo(checkpoint: Path, data_dir: Path, out: Path, num_workers: int) -> None:
     """The demo's last step: the Kaggle submission for its test split, scored against the
-    generator's ground truth, and face verification on identities never trained on."""
-    from predict import score_submission, submit, verify
+    generator's ground truth, then face verification and open-set identification on identities
+    never trained on."""
+    from predict import identify, score_identification, score_submission, submit, verify
 
+    loading = dict(num_workers=num_workers, device="cpu")
     submission = out / "submission.csv"
-    submit(checkpoint, data_dir / "test", submission, num_workers=num_workers, device="cpu")
+    submit(checkpoint, data_dir / "test", submission, **loading)
     score = score_submission(submission, data_dir / "test_labels.csv", checkpoint)
     print(f"demo test accuracy {score['accuracy']:.4f} ({score['correct']}/{score['rows']}): {submission}")
-    pairs = verify(
-        checkpoint, data_dir / "verification_pairs.csv", data_dir / "verification", roc=out / "roc.png",
-        num_workers=num_workers, device="cpu",
-    )
-    print(f"demo verification on unseen identities: ROC AUC {pairs['auc']:.3f}, EER {pairs['eer']:.3f}: {out / 'roc.png'}")
+    faces = data_dir / "verification"
+    pairs = verify(checkpoint, faces / "verification_pairs.csv", faces / "known", roc=out / "roc.png", **loading)
+    tar = ", ".join(f"TAR@FAR={far:g} {rate:.3f}" for far, rate in pairs["tar_at_far"].items())
+    print(f"demo verification on unseen identities: ROC AUC {pairs['auc']:.3f}, EER {pairs['eer']:.3f}, {tar}: {out / 'roc.png'}")
+    found = identify(checkpoint, faces / "known", faces / "unknown_test", out / "verification.csv",
+                     calibrate=faces / "unknown_dev", labels=faces / "verification_dev.csv", **loading)
+    score = score_identification(out / "verification.csv", faces / "verification_test.csv")
+    print(f"demo identification on unseen identities: open-set accuracy {score['accuracy']:.4f} "
+          f"({score['correct']}/{score['rows']}), {score['unknown_said_unknown']}/{score['unknown']} unknown faces "
+          f"said unknown, at threshold {found['threshold']:.3f} from unknown_dev: {out / 'verification.csv'}")
 
 
 if __name__ == "__main__":

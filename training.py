@@ -1,11 +1,12 @@
 """The LightningModule: FaceNN plus the seed's recipe (AdamW, warm-up + cosine, label smoothing,
-mixup), and the plot of a run's curves.
+mixup), or a margin loss (ArcFace, CosFace) on its embedding, and the plot of a run's curves.
 
 A checkpoint alone rebuilds the model: the hyperparameters hold the architecture, image size and
 normalisation, and the checkpoint carries the class mapping (index -> identity folder name).
 """
 
 import csv
+import math
 import time
 from pathlib import Path
 
@@ -14,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchvision.transforms import v2
 
-from architecture import NUM_CLASSES, FaceNN, convnext_baseline
+from architecture import NUM_CLASSES, WIDTHS, FaceNN, convnext_baseline
 from data import KAGGLE_MEAN, KAGGLE_STD
 
 
@@ -34,11 +36,50 @@ def warmup_cosine(optimizer, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e
 
 
 BACKBONES = {"facenn": FaceNN, "convnext": convnext_baseline}
+CLASSIFIERS = {"facenn": "head.classifier", "convnext": "classifier.2"}  # what maps the embedding to logits
+MARGINS = {"arcface": 0.5, "cosface": 0.35}  # the papers' margins (ArcFace: an angle, in radians)
+
+
+class MarginHead(nn.Module):
+    """Logits of a margin loss: the cosine between the normalised embedding and each normalised
+    class weight, times `scale`; in training the true class's cosine first gets the margin, so
+    that a class must win by it: ArcFace cos(theta + m) (Deng et al. 2019), CosFace cos(theta) - m
+    (Wang et al. 2018). Written out rather than taken from a library so that the logits go through
+    the same cross-entropy (label smoothing included) as the plain head's, and validation and
+    `submit` read the same logits without the margin."""
+
+    def __init__(self, in_features: int, num_classes: int, loss: str = "arcface", margin: float = 0.5, scale: float = 64.0):
+        super().__init__()
+        if loss not in MARGINS:
+            raise ValueError(f"margin loss must be one of {', '.join(MARGINS)}, got {loss!r}")
+        self.loss, self.margin, self.scale = loss, margin, scale
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):  # cosines near 1 need float32, fp16 rounds them
+            cosine = F.linear(F.normalize(features.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+            if labels is None:
+                return self.scale * cosine
+            target = cosine.gather(1, labels[:, None])
+            if self.loss == "cosface":
+                margined = target - self.margin
+            else:  # cos(theta + m), for theta + m <= pi; past it cos would rise again, so fall linearly (InsightFace's)
+                sine = (1 - target.square()).clamp_min(0).sqrt()
+                margined = torch.where(target > math.cos(math.pi - self.margin),
+                                       target * math.cos(self.margin) - sine * math.sin(self.margin),
+                                       target - self.margin * math.sin(math.pi - self.margin))
+            return self.scale * cosine.scatter(1, labels[:, None], margined)
 
 
 class FaceClassifier(L.LightningModule):
     """Trains FaceNN (or, for comparison, torchvision's ConvNeXt) on identity labels.
-    `architecture` holds the backbone's keyword arguments (the seed's network when empty)."""
+    `architecture` holds the backbone's keyword arguments (the seed's network when empty).
+
+    loss "ce" classifies with the backbone's own head; "arcface" and "cosface" replace that head by
+    a MarginHead on the embedding (`margin` None: the paper's), so that training shapes exactly what
+    `embed` returns. Mixup is refused with a margin loss: its targets are two classes at once, and
+    the margin belongs to one true class."""
 
     def __init__(
         self,
@@ -58,6 +99,9 @@ class FaceClassifier(L.LightningModule):
         label_smoothing: float = 0.1,
         mixup_alpha: float = 1.0,
         channels_last: bool = True,
+        loss: str = "ce",
+        margin: float | None = None,
+        scale: float = 64.0,
     ):
         super().__init__()
         # the class names go into the checkpoint itself (on_save_checkpoint), not into every
@@ -67,12 +111,22 @@ class FaceClassifier(L.LightningModule):
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.model = BACKBONES[backbone](num_classes, **(architecture or {}))
+        self.margin_head = None
+        if loss != "ce":
+            if mixup_alpha > 0:
+                raise ValueError(f"mixup has no one true class to put {loss}'s margin on: use mixup_alpha 0")
+            self.hparams.margin = MARGINS[loss] if margin is None else margin  # the checkpoint records the value used
+            self.model.set_submodule(CLASSIFIERS[backbone], nn.Identity())  # the embedding comes out instead of logits
+            embedding = (architecture or {}).get("widths", WIDTHS)[-1]  # both backbones embed at the last width
+            self.margin_head = MarginHead(embedding, num_classes, loss, self.hparams.margin, scale)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=self.memory_format))
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; with a margin loss, `labels` put the margin on the true classes (training)."""
+        output = self.model(x.contiguous(memory_format=self.memory_format))
+        return output if self.margin_head is None else self.margin_head(output, labels)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised pooled features, for verification by cosine similarity."""
@@ -83,7 +137,8 @@ class FaceClassifier(L.LightningModule):
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)  # soft targets
-        loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
+        logits = self(images) if self.margin_head is None else self(images, labels)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): "
@@ -109,6 +164,20 @@ class FaceClassifier(L.LightningModule):
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
         scheduler = warmup_cosine(optimizer, hp.warmup_epochs, hp.max_epochs, hp.warmup_start_lr, hp.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def init_from(self, source: "FaceClassifier") -> None:
+        """Start from the weights of `source` (same network and identities): all of them, but a head
+        of another loss, which stays as initialised (cross-entropy, then margin fine-tuning)."""
+        if source.class_names != self.class_names:
+            raise ValueError("it was trained on other identities")
+        heads = ("margin_head.", f"model.{CLASSIFIERS[self.hparams.backbone]}.")
+        try:
+            missing, unexpected = self.load_state_dict(source.state_dict(), strict=False)
+        except RuntimeError as error:  # a tensor of another shape
+            raise ValueError("its network differs from this one (pass the same --backbone, --stem, --head-layers, "
+                             "--widths and --depths)") from error
+        if off := [key for key in missing + unexpected if not key.startswith(heads)]:
+            raise ValueError(f"its network differs from this one ({off[0]}; pass the same architecture flags)")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["class_names"] = self.class_names
