@@ -41,7 +41,7 @@ KAGGLE_HELP = (
 # The demo: a synthetic face set small enough to learn on two CPU cores in a few minutes.
 DEMO_DATA = dict(
     identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10, image_size=64,
-    verification_identities=40, pairs=3000, unknown_per_identity=2,
+    verification_identities=40, pairs=3000, unknown_per_identity=4,
 )
 DEMO_ARGS = dict(
     data_dir=Path("demo_data"), out=Path("checkpoint/demo"), epochs=15, warmup_epochs=1, batch_size=64,
@@ -81,7 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=at_least(1), default=256, help="per device")
     p.add_argument("--lr", type=at_least(1e-12, float), default=RECIPE["lr"], help="peak learning rate")
     p.add_argument("--weight-decay", type=at_least(0.0, float), default=RECIPE["weight_decay"])
-    p.add_argument("--label-smoothing", type=at_least(0.0, float), default=RECIPE["label_smoothing"])
+    p.add_argument("--label-smoothing", type=at_least(0.0, float),
+                   help=f"default {RECIPE['label_smoothing']}, or 0 with a margin loss (as its paper)")
     p.add_argument("--mixup-alpha", type=at_least(0.0, float),
                    help=f"0 turns mixup off (default {RECIPE['mixup_alpha']}; off with a margin loss, which refuses it)")
     p.add_argument("--loss", choices=("ce", *MARGINS), default="ce",
@@ -131,8 +132,9 @@ def parse_args(argv=None):
         p.error("--margin is for --loss arcface or cosface")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run from a checkpoint's weights, --resume continues one: pick one")
-    if args.mixup_alpha is None:
-        args.mixup_alpha = RECIPE["mixup_alpha"] if args.loss == "ce" else 0.0
+    for name in ("mixup_alpha", "label_smoothing"):  # the seed's recipe for ce, the papers' (neither) for a margin loss
+        if getattr(args, name) is None:
+            setattr(args, name, RECIPE[name] if args.loss == "ce" else 0.0)
     widths, depths = (args.widths or WIDTHS), (args.depths or DEPTHS)
     if len(widths) != len(depths):
         p.error(f"--widths {widths} and --depths {depths} need one value per stage each")

@@ -278,7 +278,9 @@ def test_arcface_fine_tunes_a_cross_entropy_checkpoint(trained_run, tiny_faces, 
              "--init-from", trained_run / "best.ckpt"]
     assert run_training.main(list(map(str, flags))) == 0
     checkpoint = torch.load(out / "last.ckpt", weights_only=True)
-    assert {k: checkpoint["hyper_parameters"][k] for k in ("loss", "margin", "scale")} == dict(loss="arcface", margin=0.5, scale=16)
+    hparams = checkpoint["hyper_parameters"]
+    assert {k: hparams[k] for k in ("loss", "margin", "scale")} == dict(loss="arcface", margin=0.5, scale=16)
+    assert hparams["label_smoothing"] == hparams["mixup_alpha"] == 0  # a margin loss's defaults: the paper's
     series = epoch_metrics(out / "metrics.csv")
     assert dict(series["lr-AdamW"]) == {0: pytest.approx(3e-4), 1: pytest.approx(1e-3)}  # a new schedule from epoch 0
     result = predict.evaluate(out / "last.ckpt", tiny_faces / "dev", num_workers=0)
