@@ -12,8 +12,8 @@ at FaceNN's widths and depths in NCHW, eager. A train step is forward, cross-ent
 classes, backward and a fused AdamW step; its FLOPs (forward and backward) come from torch's
 FlopCounterMode. Then each part of both networks (stem, ConvNeXt blocks, the layers between stages,
 head) is timed alone, forward and backward, to show where FaceNN's extra time goes and what it
-bounds. Progress goes to stderr, the report to stdout. On our idle 2-core CPU the defaults take
-about 140 s, plus about a minute for torch.compile the first time (inductor caches its kernels).
+bounds. Progress goes to stderr, the report to stdout. torch.compile takes longer the first time
+(inductor caches its kernels).
 """
 
 import argparse

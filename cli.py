@@ -1,12 +1,24 @@
 """What the commands share: a user's mistake is one line on stderr and exit status 2, never a
-traceback; a traceback is left for bugs. And CPU memory that is freed stays ready for reuse.
+traceback; a traceback is left for bugs. The device to run on, exclusive use of an output folder,
+outputs that never replace inputs, and CPU memory that is freed staying ready for reuse.
 
-Light to import (standard library only), so that a command without torch can use it too."""
+Light to import (the standard library; torch only inside the functions that need it), so that
+every other module can build on it."""
 
 import argparse
 import ctypes
+import fcntl
 import math
+import os
 import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Something the user must change (a flag, a path, a file): the commands print it as one line,
+    `error: <message>`, and exit with status 2. Everything else keeps its traceback."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -39,9 +51,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc gives every allocation over 32 MB its own mmap and unmaps it on free, so each
     training step gets its largest activations as fresh pages that the kernel zero-fills at first
-    touch: measured on our 2-core CPU, FaceNN's train step (batch 16, 224 px) ran 1.3-1.5x faster
-    with this. CUDA's caching allocator does the same for GPU memory. The process then holds on to
-    its peak memory until it exits. Returns False where the C library is not glibc (Windows, macOS,
+    touch, which on CPU costs a training step much of its time (docs/performance.md). CUDA's
+    caching allocator does the same for GPU memory. The process then holds on to its peak memory
+    until it exits. Returns False where the C library is not glibc (Windows, macOS,
     musl)."""
     if not sys.platform.startswith("linux"):
         return False
@@ -52,16 +64,86 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def run(main) -> None:
-    """Run a command's main(), turning a DataError, a diverged loss or a failed file operation
-    (disk full, permission denied) into one line and exit status 2; Ctrl-C is exit status 130."""
-    from data import DataError  # here, not at the top: data imports torch and Lightning
+def pick_device(name: str = "auto"):
+    """torch.device `name`; `auto` is CUDA where there is one, else the CPU."""
+    import torch
 
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here (expected a GPU, or --device cpu)")
+    return torch.device(name)
+
+
+def check_outputs(outputs: dict, inputs: dict) -> None:
+    """Refuse, before any work, an output that would replace one of the command's inputs (a file, or
+    a file inside an input directory) or another of its outputs, or that names a directory. Both map
+    a flag (for the message) to a path, or to None for one not given."""
+    inputs = {flag: Path(path) for flag, path in inputs.items() if path is not None}
+    seen = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{path}: is a directory (expected a file name to write for {flag})")
+        for other, kept in [*inputs.items(), *seen.items()]:
+            if overlaps(path, kept):
+                raise UserError(f"{flag} {path} would write over {other} {kept}: give {flag} another file name")
+        seen[flag] = path
+
+
+def overlaps(output: Path, kept: Path) -> bool:
+    """Whether writing `output` would replace `kept`, or a file inside `kept` if it is a directory;
+    through links, `..` and case-insensitive file systems."""
+    if kept.is_dir():
+        return output.exists() and output.resolve().is_relative_to(kept.resolve())
+    if output.exists() and kept.exists():
+        return os.path.samefile(output, kept)
+    return output.resolve() == kept.resolve()
+
+
+@contextmanager
+def folder_lock(folder: Path, what: str):
+    """Exclusive use of `folder` while the block runs, or a one-line refusal while another process
+    has it. The lock is the kernel's, on the folder itself (no lock file): it goes when its holder
+    exits, however it ends (even SIGKILL), so a killed run never leaves the folder locked. A folder
+    made here and left empty is removed again."""
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder}: another {what} is writing into it (wait for it to end, or give another "
+                            "folder)") from None
+        except OSError as error:  # a file system without locks on folders (some NFS): go on unguarded
+            warnings.warn(f"{folder}: cannot be locked ({error.strerror}); make sure no other {what} writes into it")
+        yield
+    finally:
+        os.close(handle)  # lets go of the lock
+        if made and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def run(main) -> None:
+    """Run a command's main(), turning a UserError, a diverged loss or a failed file operation
+    (disk full, permission denied) into one line and exit status 2; Ctrl-C is exit status 130."""
     try:
         sys.exit(main())
-    except (DataError, FloatingPointError, OSError) as error:  # bad data, a diverged loss, the disk
-        print(f"error: {error}", file=sys.stderr)
+    except (UserError, FloatingPointError, OSError) as error:  # the user's input, a diverged loss, the disk
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as interrupt:
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def one_line(error: Exception) -> str:
+    """The error's message. A DataLoader worker re-raises an error with the worker's traceback in
+    front of its message; the message is the traceback's last line, after the exception's name."""
+    message = str(error).rstrip()
+    if "\nOriginal Traceback" in message:
+        message = message.splitlines()[-1].partition(": ")[2]
+    return message

@@ -11,7 +11,6 @@ Run `python data.py stats DIR/train` to measure the normalisation mean/std of an
 
 import os
 import warnings
-from itertools import chain
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +22,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from cli import ArgumentParser, UserError, at_least
+
 KAGGLE_MEAN = (0.5103, 0.4014, 0.3509)
 KAGGLE_STD = (0.2708, 0.2363, 0.2226)
 NO_MATCH = "n000000"  # the sibling verification task's label for an unknown face matching no known identity
@@ -32,15 +33,8 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 DECODE_ERRORS = (OSError, SyntaxError, ValueError)
 
 
-class DataError(Exception):
-    """A problem with the user's data, told in one line naming the path and what was expected.
-
-    The scripts print it as `error: <message>` rather than a traceback. A DataLoader worker
-    re-raises it with the worker's traceback in front of that line; str() keeps only the line.
-    """
-
-    def __str__(self) -> str:
-        return super().__str__().rstrip().rpartition("DataError: ")[2]
+class DataError(UserError):
+    """A problem with the user's data, told in one line naming the path and what was expected."""
 
 
 def _compose(augmentation: list, mean, std, image_size: int | None) -> v2.Compose:
@@ -179,9 +173,12 @@ class TestImages(Dataset):
     """Every image under a test directory (flat, or one level of subfolders), sorted by file name,
     as (image tensor, file name) pairs: the file name is the submission's `id`.
 
-    An unreadable image is a DataError naming it, because the submission needs a row for every
-    image. With skip_bad=True every image is decoded up front and the unreadable ones are left
-    out and listed in `skipped`.
+    Every other entry is left out with one warning that names them and counts them in `ignored`:
+    files of other types (.gif, .txt), broken links, folders deeper down. Hidden files and folders
+    (.ipynb_checkpoints) are not test images, as they are not identities in train. An unreadable
+    image is a DataError naming it, because the submission needs a row for every image. With
+    skip_bad=True every image is decoded up front and the unreadable ones are left out and listed
+    in `skipped`.
     """
 
     __test__ = False  # a dataset, not a pytest test class
@@ -190,8 +187,14 @@ class TestImages(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: directory not found (expected test images {root}/*.jpg)")
-        files = [path for path in chain(root.glob("*"), root.glob("*/*")) if path.is_file()]
-        images = [path for path in files if has_file_allowed_extension(path.name, IMG_EXTENSIONS)]
+        entries = visible(root)
+        entries += [entry for folder in entries if folder.is_dir() for entry in visible(folder)]
+        images = [path for path in entries if path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS)]
+        self.ignored = sorted({*entries} - {*images} - {entry for entry in entries if entry.parent == root and entry.is_dir()})
+        if self.ignored:
+            warnings.warn(f"{root}: leaving out {len(self.ignored)} entries that are not images ("
+                          f"{', '.join(map(str, self.ignored[:3]))}{', ...' if len(self.ignored) > 3 else ''}; "
+                          f"expected {', '.join(IMG_EXTENSIONS)} files)")
         paths = sorted(images, key=lambda path: path.name)
         if not paths:
             raise DataError(f"{root}: no images (expected {root}/*.jpg or {root}/<folder>/*.jpg)")
@@ -219,6 +222,11 @@ class TestImages(Dataset):
         except DECODE_ERRORS as error:
             raise DataError(f"{path}: unreadable image ({error}); expected every test image to be readable") from error
         return self.transform(image), path.name
+
+
+def visible(folder: Path) -> list[Path]:
+    """The entries of a folder, hidden ones (a leading dot) left out."""
+    return [folder / entry.name for entry in os.scandir(folder) if not entry.name.startswith(".")]
 
 
 def collate_same_size(batch):
@@ -252,6 +260,7 @@ class FaceDataModule(L.LightningDataModule):
         std=KAGGLE_STD,
         pin_memory: bool | None = None,
         augment_on_device: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         data_dir = str(data_dir)  # saved as text: a Path would stop torch.load(weights_only=True) resuming
@@ -284,6 +293,8 @@ class FaceDataModule(L.LightningDataModule):
             expected = f"subset_classes from 1 to {len(identities)}, not {hp.subset_classes}"
             raise DataError(f"{train_dir}: has {len(identities)} identities (expected {expected})")
         class_names = identities[: hp.subset_classes]
+        if len(class_names) < 2:
+            raise DataError(f"{train_dir}: one identity, {class_names[0]} (expected at least 2 to tell apart)")
 
         if hp.augment_on_device:
             augment = decode_transform(hp.image_size)
@@ -310,11 +321,12 @@ class FaceDataModule(L.LightningDataModule):
         images, labels = batch
         return self.batch_augment.to(images.device)(images), labels
 
-    def _loader(self, dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset, sampler=None, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.hparams.seed),  # the workers' seeds: not the global RNG's
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -329,7 +341,9 @@ class FaceDataModule(L.LightningDataModule):
         # one each epoch); otherwise every image is used.
         world = self.trainer.world_size if self.trainer is not None else 1
         per_device = -(-len(self.train_dataset) // world)  # DistributedSampler pads to equal shares
-        return self._loader(self.train_dataset, shuffle=True, drop_last=per_device % self.hparams.batch_size == 1)
+        epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0)
+        return self._loader(EpochSeeded(self.train_dataset, self.hparams.seed), EpochShuffle(len(self.train_dataset), epoch),
+                            drop_last=per_device % self.hparams.batch_size == 1)
 
     def val_dataloader(self):
         # Lightning skips validation for an empty list of loaders (full mode has no dev set).
@@ -339,6 +353,40 @@ class FaceDataModule(L.LightningDataModule):
         if self.test_dataset is None:
             raise DataError(f"{Path(self.hparams.data_dir) / 'test'}: directory not found (expected test images)")
         return self._loader(self.test_dataset)
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A random order of the dataset's images that depends on the epoch alone, not on how the run got
+    there, so a run resumed from a checkpoint sees each epoch's images in the order an uninterrupted
+    run does. It hands out keys for EpochSeeded: epoch * size + index."""
+
+    def __init__(self, size: int, epoch):
+        self.size, self.epoch = size, epoch  # epoch: a function, read when each epoch starts
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        epoch = self.epoch()
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch))
+        return iter((epoch * self.size + order).tolist())
+
+
+class EpochSeeded(Dataset):
+    """The dataset, each image augmented from a random state of its own, seeded by (seed, epoch,
+    index): the same augmentation in an uninterrupted and a resumed run, in the main process or in
+    any worker, and the global random state left alone for mixup and the network."""
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + key) % 2**63)
+            return self.dataset[key % len(self.dataset)]
 
 
 def compute_mean_std(train_dir, image_size: int | None = None, max_images: int | None = None, num_workers: int = 0):
@@ -356,17 +404,22 @@ def compute_mean_std(train_dir, image_size: int | None = None, max_images: int |
     # One image at a time (batch_size=None): without image_size their sizes may differ.
     loader = DataLoader(Subset(images, indices), batch_size=None, num_workers=num_workers)
     pixel_sum, std_sum, pixel_count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    spread = 0  # images of more than one pixel: a single pixel has no std
     for image, _ in tqdm(loader, desc=f"mean/std of {train_dir}", unit="img"):
         pixels = image.flatten(1).double()
         pixel_sum += pixels.sum(1)
-        std_sum += pixels.std(1)
         pixel_count += pixels.shape[1]
-    return tuple((pixel_sum / pixel_count).tolist()), tuple((std_sum / count).tolist())
+        if pixels.shape[1] > 1:
+            std_sum += pixels.std(1)
+            spread += 1
+    if spread < count:
+        warnings.warn(f"{train_dir}: {count - spread} images of one pixel left out of the std (a pixel has no spread)")
+    if not spread:
+        raise DataError(f"{train_dir}: every image is a single pixel, so there is no std (expected real images)")
+    return tuple((pixel_sum / pixel_count).tolist()), tuple((std_sum / spread).tolist())
 
 
 def main(argv=None) -> int:
-    from cli import ArgumentParser, at_least
-
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     stats = commands.add_parser("stats", help="mean/std of a train split, for --mean/--std")
@@ -383,6 +436,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from cli import run
-    from data import main  # the imported module's, so its DataError is the class cli.run catches
 
     run(main)

@@ -28,49 +28,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import binary_auroc, binary_roc, binary_sensitivity_at_specificity
+from torchmetrics.functional.classification import (binary_auroc, binary_roc, binary_sensitivity_at_specificity,
+                                                    multiclass_accuracy)
 from tqdm import tqdm
 
-from cli import ArgumentParser, at_least, finite_float, keep_freed_memory, run
+from cli import ArgumentParser, at_least, check_outputs, finite_float, keep_freed_memory, run
 from data import (DEFAULT_WORKERS, NO_MATCH, DataError, FaceFolder, TestImages, collate_same_size, eval_transform,
                   identity_folders)
-from training import FaceClassifier
+from training import FaceClassifier, load_model, read_checkpoint
 
-CHECKPOINT_HELP = "expected a .ckpt written by run_training.py"
 FALSE_ACCEPT_RATES = (1e-3, 1e-2)  # where face verification papers quote the true accept rate
 
 
 # -----------------------------------------------------------------------------
 # the model and running it
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device here (expected a GPU, or --device cpu)")
-    return torch.device(name)
-
-
-def load_model(path, device: str = "auto") -> FaceClassifier:
-    """The model a checkpoint describes, in eval mode on `device`, whatever device it was saved from."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found ({CHECKPOINT_HELP})")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file fails in many ways: zip, pickle, EOF, key errors
-        reason = ": ".join(filter(None, [type(error).__name__, str(error).strip().split("\n")[0].split(". ")[0]]))
-        raise DataError(f"{path}: cannot read checkpoint ({reason}); {CHECKPOINT_HELP}") from error
-    keys = ("hyper_parameters", "class_names", "state_dict")
-    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in keys):
-        raise DataError(f"{path}: not a FaceClassifier checkpoint, no {'/'.join(keys)} ({CHECKPOINT_HELP})")
-    try:
-        model = FaceClassifier(**checkpoint["hyper_parameters"], class_names=checkpoint["class_names"])
-        model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as error:
-        raise DataError(f"{path}: its weights or settings do not fit FaceClassifier ({CHECKPOINT_HELP})") from error
-    return model.to(pick_device(device)).eval()
-
 
 def model_transform(model: FaceClassifier):
     """The images as the model saw them in validation: its size and normalisation."""
@@ -102,9 +73,12 @@ def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_worker
     return torch.cat(outputs), keys, len(keys) / (time.perf_counter() - start)
 
 
-def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, tta=False):
-    """(embeddings, file names, images per second) of every image under images_dir, sorted by name."""
+def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, names_out=None, tta=False):
+    """(embeddings, file names, images per second) of every image under images_dir, sorted by name;
+    `names_out`, the file the names are to go to, one a line (checked before the work)."""
     images = TestImages(images_dir, model_transform(model))
+    if names_out is not None:
+        check_text([path.name for path in images.paths], names_out, lines=True)
     return run_model(model, images, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="embedding")
 
 
@@ -131,13 +105,21 @@ def best_matches(embeddings, templates) -> tuple[np.ndarray, np.ndarray]:
     return scores.double().numpy(), indices.numpy()  # float64: a threshold between float32 scores stays between
 
 
+
+
 # -----------------------------------------------------------------------------
 # files
 
-def check_output(path: Path) -> None:
-    """Fail before the work rather than after it."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory (expected a file name to write)")
+def check_text(names, out: Path, lines: bool = False) -> None:
+    """Refuse, before the work, a file name that `out` cannot hold: one that is not valid UTF-8 (a
+    name of raw bytes), or for a file of one name a line, one with a line break in it."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{name!r}: not a valid UTF-8 name, so {out} cannot hold it (rename it)") from None
+        if lines and ("\n" in name or "\r" in name):
+            raise DataError(f"{name!r}: has a line break, so {out} (one name a line) cannot hold it (rename it)")
 
 
 @contextmanager
@@ -207,16 +189,18 @@ def submit(checkpoint, test_dir, out, batch_size=256, num_workers=DEFAULT_WORKER
     """Writes the Kaggle submission (id,label for every test image, ids sorted); returns the row
     count, the unreadable images left out (skip_bad) and the inference speed."""
     out = Path(out)
-    check_output(out)
+    check_outputs({"--out": out}, {"--checkpoint": checkpoint, "--test-dir": test_dir})
     model = load_model(checkpoint, device)
     images = TestImages(test_dir, model_transform(model), skip_bad=skip_bad)
     if not images.paths:
         raise DataError(f"{test_dir}: none of its {len(images.skipped)} images can be read (expected JPEG/PNG)")
+    check_text([path.name for path in images.paths] + (model.class_names if label_names else []), out)
     logits, ids, rate = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="predicting")
     predicted = logits.argmax(1).tolist()
     labels = [model.class_names[index] for index in predicted] if label_names else predicted
     write_csv(out, [("id", "label"), *zip(ids, labels)])
-    return dict(rows=len(ids), skipped=len(images.skipped), img_per_s=rate, device=str(model.device))
+    return dict(rows=len(ids), skipped=len(images.skipped), ignored=len(images.ignored), img_per_s=rate,
+                device=str(model.device))
 
 
 def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, tta=False, device="auto") -> dict:
@@ -230,27 +214,31 @@ def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, 
                         f"({len(unknown)} such; expected identities it was trained on)")
     images = FaceFolder(data_dir, model.class_names, model_transform(model))
     logits, labels, _ = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="evaluating")
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = top5 == torch.tensor(labels)[:, None]
-    return dict(images=len(labels), top1=hits[:, 0].double().mean().item(), top5=hits.any(1).double().mean().item())
+    labels, classes = torch.tensor(labels), logits.shape[1]
+    top1, top5 = (multiclass_accuracy(logits, labels, classes, top_k=min(k, classes), average="micro").item() for k in (1, 5))
+    return dict(images=len(labels), top1=top1, top5=top5)
 
 
-def score_submission(submission, labels, checkpoint=None) -> dict:
+def score_submission(submission, labels, checkpoint=None, label_names=False) -> dict:
     """Accuracy of a submission against ground truth whose labels are identity names. The
-    submission's labels may be names, or class indices that the checkpoint's class names map."""
+    submission's labels are class indices, which the checkpoint's class names map (what `submit`
+    writes), or with label_names=True identity names (`submit --label-names`): decided once for the
+    whole file, never guessed from the values (identity folders may be numbers)."""
     truth, predicted = read_submission(submission, labels)
-    names = load_model(checkpoint, "cpu").class_names if checkpoint else None
+    names = read_checkpoint(checkpoint)["class_names"] if checkpoint else None
     if names:
         unknown = sorted(set(truth.values()) - set(names))
         if unknown:
             raise DataError(f"{labels}: identity {unknown[0]} unknown to {checkpoint} ({len(unknown)} such)")
-    values = set(predicted.values())
-    if not (names and values <= set(names)) and all(value.isdigit() for value in values):  # class indices
+    if not label_names:
         if names is None:
-            raise DataError(f"{submission}: labels are class indices; pass --checkpoint to map them to identity names")
-        if bad := [value for value in values if int(value) >= len(names)]:
-            raise DataError(f"{submission}: label {bad[0]} is not a class index of {checkpoint} (0 to {len(names) - 1})")
-        predicted = {key: names[int(value)] for key, value in predicted.items()}
+            raise DataError(f"{submission}: its labels are class indices, as submit writes them: pass --checkpoint "
+                            "to map them to identity names (or --label-names if they are names)")
+        indices = {str(index): name for index, name in enumerate(names)}
+        if bad := sorted(set(predicted.values()) - indices.keys()):
+            raise DataError(f"{submission}: label {bad[0]!r} is not a class index of {checkpoint} (0 to {len(names) - 1}; "
+                            "--label-names if the labels are identity names)")
+        predicted = {key: indices[value] for key, value in predicted.items()}
     correct = sum(predicted[key] == label for key, label in truth.items())
     return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth))
 
@@ -271,9 +259,8 @@ def embed(checkpoint, images, out, batch_size=256, num_workers=DEFAULT_WORKERS, 
     file names, one a line in row order, beside it as .txt."""
     out = Path(out)
     names_out = out.with_suffix(".txt")
-    check_output(out)
-    check_output(names_out)
-    embeddings, names, _ = embed_images(load_model(checkpoint, device), images, batch_size, num_workers)
+    check_outputs({"--out": out, "the file names' list": names_out}, {"--checkpoint": checkpoint, "--images": images})
+    embeddings, names, _ = embed_images(load_model(checkpoint, device), images, batch_size, num_workers, names_out)
     with atomic_write(out, "wb") as f:
         np.save(f, embeddings.numpy())
     with atomic_write(names_out) as f:
@@ -346,9 +333,7 @@ def verify(checkpoint, pairs, images, out=None, roc=None, batch_size=256, num_wo
     metrics and, with `roc`, the ROC curve as a PNG."""
     header, rows = read_csv(pairs, ("img1", "img2"))
     truth = header[2:3] == ["same"]
-    for path in (out, roc):
-        if path:
-            check_output(Path(path))
+    check_outputs({"--out": out, "--roc": roc}, {"--checkpoint": checkpoint, "--pairs": pairs, "--images": images})
     if not rows:
         raise DataError(f"{pairs}: no pairs (expected rows img1,img2[,same])")
     if not truth and (roc or not out):
@@ -383,7 +368,8 @@ def identify(checkpoint, known, unknown, out, threshold=None, calibrate=None, la
     (identity_templates), or NO_MATCH when that similarity is under `threshold`. With `calibrate`
     (a dev folder) and `labels` (its truth) the threshold is instead the one best on that folder."""
     out = Path(out)
-    check_output(out)
+    check_outputs({"--out": out}, {"--checkpoint": checkpoint, "--known": known, "--unknown": unknown,
+                                   "--calibrate": calibrate, "--labels": labels})
     if (threshold is None) == (calibrate is None) or (calibrate is None) != (labels is None):
         raise ValueError("identify takes a threshold, or calibrate and labels")
     model = load_model(checkpoint, device)
@@ -404,6 +390,7 @@ def identify(checkpoint, known, unknown, out, threshold=None, calibrate=None, la
     embeddings, ids, rate = embed_images(model, unknown, **loading)
     scores, indices = best_matches(embeddings, templates)
     predicted = [names[i] if score >= threshold else NO_MATCH for score, i in zip(scores, indices)]
+    check_text(ids + names, out)
     write_csv(out, [("id", "label"), *zip(ids, predicted)])
     return dict(result, rows=len(ids), identities=len(names), threshold=threshold,
                 said_unknown=predicted.count(NO_MATCH), img_per_s=rate)
@@ -429,12 +416,16 @@ def parse_args(argv=None):
     p.add_argument("--label-names", action="store_true", help="write identity folder names, not class indices")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images instead of failing")
 
-    p = commands.add_parser("evaluate", parents=[model], help="accuracy on a labelled split, or of a submission "
-                            f"(open-set, for an identify submission: one whose labels or truth hold {NO_MATCH})")
+    p = commands.add_parser("evaluate", parents=[model], help="accuracy on a labelled split, or of a submission")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-dir", type=Path, help="a labelled split, <identity>/*.jpg (needs --checkpoint)")
     source.add_argument("--submission", type=Path, help="a submission CSV to score (needs --labels)")
     p.add_argument("--labels", type=Path, help="ground truth CSV id,label with identity names")
+    p.add_argument("--label-names", action="store_true",
+                   help="the submission's labels are identity names (submit --label-names), not class indices")
+    p.add_argument("--open-set", action="store_true",
+                   help=f"the submission is identify's: identity names, {NO_MATCH} for none of the known; "
+                        f"also counts the faces said {NO_MATCH}")
     p.add_argument("--checkpoint", **checkpoint)
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
 
@@ -465,11 +456,14 @@ def parse_args(argv=None):
     p.add_argument("--labels", type=Path, help="truth of --calibrate, CSV id,label (e.g. verification_dev.csv)")
     p.add_argument("--tta", action="store_true", help="average the embeddings of each image and its mirror image")
 
+
     args = parser.parse_args(argv)
     if args.command == "evaluate" and args.data_dir and not args.checkpoint:
         parser.error("evaluate --data-dir needs --checkpoint")
     if args.command == "evaluate" and args.submission and not args.labels:
         parser.error("evaluate --submission needs --labels")
+    if args.command == "evaluate" and args.open_set and (args.data_dir or args.checkpoint or args.label_names):
+        parser.error("evaluate --open-set scores an identify submission by name: --submission and --labels only")
     if args.command == "identify" and (args.calibrate is None) != (args.labels is None):
         parser.error("identify --calibrate and --labels go together")
     return args
@@ -483,18 +477,19 @@ def main(argv=None) -> int:
         result = submit(args.checkpoint, args.test_dir, args.out, tta=args.tta, label_names=args.label_names,
                         skip_bad=args.skip_bad, **loading)
         left_out = f", leaving out {result['skipped']} unreadable images" if args.skip_bad else ""
+        left_out += f", leaving out {result['ignored']} entries that are not images" if result["ignored"] else ""
         print(f"wrote {result['rows']} rows to {args.out}{left_out}")
         print(f"inference: {result['img_per_s']:.1f} img/s on {result['device']}, decoding included")
     elif args.command == "evaluate" and args.data_dir:
         result = evaluate(args.checkpoint, args.data_dir, tta=args.tta, **loading)
         print(f"{args.data_dir}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on {result['images']} images")
-    elif args.command == "evaluate" and NO_MATCH in {*read_labels(args.labels).values(), *read_labels(args.submission).values()}:
+    elif args.command == "evaluate" and args.open_set:
         result = score_identification(args.submission, args.labels)
         print(f"{args.submission}: open-set accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']}); "
               f"said {NO_MATCH} of {result['unknown_said_unknown']}/{result['unknown']} unknown faces "
               f"and of {result['known_said_unknown']}/{result['rows'] - result['unknown']} known ones")
     elif args.command == "evaluate":
-        result = score_submission(args.submission, args.labels, args.checkpoint)
+        result = score_submission(args.submission, args.labels, args.checkpoint, args.label_names)
         print(f"{args.submission}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']})")
     elif args.command == "embed":
         result = embed(args.checkpoint, args.images, args.out, **loading)

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torchvision.models.convnext import LayerNorm2d  # over the channels of NCHW: ConvNeXt's own norm
 from torchvision.ops import StochasticDepth
 
 NORM_POSITIONS = ("after_dwconv", "before_dwconv", "after_expand")
@@ -46,13 +47,6 @@ class ReLU6InPlace(nn.Module):
         return _ReLU6InPlace.apply(x)
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW tensor (the original ConvNeXt's norm)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 def norm_2d(kind: str, channels: int) -> nn.Module:
     """The norm layer named by `kind` for an NCHW tensor of `channels` channels."""
     if kind == "batch":
@@ -81,8 +75,8 @@ class ConvNeXtBlock(nn.Module):
 
     `recompute_gelu` trades time for memory: backward recomputes the GELU's 4x-wide output from its
     input (selective activation checkpointing) instead of keeping both, the largest tensors of a
-    training step. Same gradients; in FaceNN at batch 256, 224 px, 16-mixed, 12.8 -> 11.0 GB for
-    1-3% more time on CPU (`python bench.py` prints both memory figures).
+    training step. Same gradients, less memory for a little more time (`python bench.py` prints
+    both memory figures).
     """
 
     def __init__(

@@ -12,27 +12,40 @@ Writes into --out: last.ckpt, best.ckpt (best dev accuracy), metrics.csv, curves
 
 import argparse
 import inspect
+import math
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS, count_parameters
-from cli import ArgumentParser, at_least, finite_float, keep_freed_memory, run
+from cli import ArgumentParser, UserError, at_least, finite_float, folder_lock, keep_freed_memory, pick_device, run
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
-from predict import load_model, pick_device
 from residual_blocks import ConvNeXtBlock
-from training import BACKBONES, MARGINS, FaceClassifier, ResumableCSVLogger, Throughput, plot_curves
+from training import (BACKBONES, MARGINS, AtomicCheckpoint, EpochSeed, FaceClassifier, ResumableCSVLogger, Throughput,
+                      model_from_checkpoint, plot_curves, read_checkpoint)
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
+# The flags whose values a checkpoint keeps, and where: a resumed run takes them from there, and
+# one given with another value contradicts it. flag -> (part of the checkpoint, name there).
+RUN_SETTINGS = {
+    **{flag: ("model", flag) for flag in (
+        "backbone", "image_size", "mean", "std", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "mixup_alpha",
+        "loss", "margin", "scale")},
+    **{flag: ("architecture", flag) for flag in ("stem", "head_layers", "widths", "depths")},
+    **{flag: ("data", flag) for flag in ("batch_size", "subset_classes", "full", "seed")},
+    "patience": ("early stopping", "patience"),
+}
+CHANGEABLE_ON_RESUME = {"batch_size"}  # the checkpoint's unless given: a smaller GPU may need a smaller batch
 KAGGLE_HELP = (
     "get the Kaggle data (kaggle competitions download -c 11-785-f23-hw2p2-classification, unzip so that "
     "DIR/train/<id>/*.jpg, DIR/dev/<id>/*.jpg and DIR/test/*.jpg exist), or try the synthetic demo: "
@@ -49,22 +62,6 @@ DEMO_ARGS = dict(
 )
 
 
-class AtomicCheckpoint(ModelCheckpoint):
-    """Writes each checkpoint beside its target and renames it into place, so an interrupted
-    write never leaves a half-written file as the only copy."""
-
-    def _save_checkpoint(self, trainer, filepath):
-        partial = Path(f"{filepath}.partial")
-        try:
-            super()._save_checkpoint(trainer, str(partial))
-            if trainer.is_global_zero:
-                partial.replace(filepath)
-        finally:  # a failed write leaves the previous checkpoint alone; only rank 0 writes the file,
-            if trainer.is_global_zero:  # and another rank deleting it would race rank 0's rename (DDP)
-                partial.unlink(missing_ok=True)
-        self._last_checkpoint_saved = filepath
-
-
 def int_list(text):
     values = tuple(int(v) for v in text.split(","))
     if min(values) < 1:
@@ -73,6 +70,32 @@ def int_list(text):
 
 
 def parse_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    if args.demo:  # the demo's settings, unless given on the command line
+        p.set_defaults(**DEMO_ARGS)
+        args = p.parse_args(argv)
+    widths, depths = (args.widths or WIDTHS), (args.depths or DEPTHS)
+    if len(widths) != len(depths):
+        p.error(f"--widths {widths} and --depths {depths} need one value per stage each")
+    unset = object()
+    bare = parser()  # the same flags, all defaulting to `unset`: the others the command line gave
+    bare.set_defaults(**dict.fromkeys(vars(args), unset))
+    args.given = {flag for flag, value in vars(bare.parse_args(argv)).items() if value is not unset}
+    if args.loss != "ce":  # the papers' recipe: neither mixup (refused) nor label smoothing, unless given
+        if "mixup_alpha" in args.given and args.mixup_alpha:
+            p.error(f"--mixup-alpha {args.mixup_alpha} with --loss {args.loss}: mixup mixes two classes, the margin "
+                    "needs one true class (leave mixup out)")
+        args.mixup_alpha = 0.0
+        args.label_smoothing = args.label_smoothing if "label_smoothing" in args.given else 0.0
+    elif args.margin is not None:
+        p.error("--margin is for --loss arcface or cosface")
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run from a checkpoint's weights, --resume continues one: pick one")
+    return args
+
+
+def parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="holds train/, dev/ and test/")
     p.add_argument("--out", type=Path, default=Path("checkpoint"), help="checkpoints, logs and plots")
@@ -81,10 +104,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=at_least(1), default=256, help="per device")
     p.add_argument("--lr", type=at_least(1e-12, float), default=RECIPE["lr"], help="peak learning rate")
     p.add_argument("--weight-decay", type=at_least(0.0, float), default=RECIPE["weight_decay"])
-    p.add_argument("--label-smoothing", type=at_least(0.0, float),
-                   help=f"default {RECIPE['label_smoothing']}, or 0 with a margin loss (as its paper)")
-    p.add_argument("--mixup-alpha", type=at_least(0.0, float),
-                   help=f"0 turns mixup off (default {RECIPE['mixup_alpha']}; off with a margin loss, which refuses it)")
+    p.add_argument("--label-smoothing", type=at_least(0.0, float), default=RECIPE["label_smoothing"],
+                   help="with a margin loss 0 unless given, as in its paper")
+    p.add_argument("--mixup-alpha", type=at_least(0.0, float), default=RECIPE["mixup_alpha"],
+                   help="0 turns mixup off (as a margin loss does: it refuses mixup)")
     p.add_argument("--loss", choices=("ce", *MARGINS), default="ce",
                    help="ce: cross-entropy on the head's logits; arcface/cosface: a margin loss on the normalised "
                         "embedding (best as fine-tuning: --init-from a ce checkpoint)")
@@ -107,7 +130,8 @@ def parse_args(argv=None):
                    help="less memory, a little slower: backward recomputes FaceNN's GELUs (this run only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (measure first: python bench.py)")
     p.add_argument("--patience", type=at_least(1), default=20, help="early stopping on dev loss")
-    p.add_argument("--resume", nargs="?", const="last", type=str, help="continue from a checkpoint (default OUT/last.ckpt)")
+    p.add_argument("--resume", nargs="?", const="last", type=str,
+                   help="continue from a checkpoint (default OUT/last.ckpt) with its settings; --epochs N extends it")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
@@ -121,24 +145,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", choices=("off", "offline", "online"), default="offline")
     p.add_argument("--demo", action="store_true", help="generate synthetic faces and train on them on CPU")
-    args = p.parse_args(argv)
-    if args.demo:  # the demo's settings, unless given on the command line
-        p.set_defaults(**DEMO_ARGS)
-        args = p.parse_args(argv)
-    if args.loss != "ce" and args.mixup_alpha:
-        p.error(f"--mixup-alpha {args.mixup_alpha} with --loss {args.loss}: mixup mixes two classes, the margin needs "
-                "one true class (leave mixup out)")
-    if args.loss == "ce" and args.margin is not None:
-        p.error("--margin is for --loss arcface or cosface")
-    if args.init_from and args.resume:
-        p.error("--init-from starts a new run from a checkpoint's weights, --resume continues one: pick one")
-    for name in ("mixup_alpha", "label_smoothing"):  # the seed's recipe for ce, the papers' (neither) for a margin loss
-        if getattr(args, name) is None:
-            setattr(args, name, RECIPE[name] if args.loss == "ce" else 0.0)
-    widths, depths = (args.widths or WIDTHS), (args.depths or DEPTHS)
-    if len(widths) != len(depths):
-        p.error(f"--widths {widths} and --depths {depths} need one value per stage each")
-    return args
+    return p
 
 
 def resolve_accelerator(args) -> tuple[str, str]:
@@ -147,12 +154,14 @@ def resolve_accelerator(args) -> tuple[str, str]:
     return accelerator, precision
 
 
-def build_model(args, data: FaceDataModule, resume_from: Path | None) -> FaceClassifier:
-    """A fresh model from the arguments, or the one a checkpoint describes."""
-    if resume_from is not None:
-        model = load_model(resume_from, device="cpu")  # checked: a damaged or foreign file is one line
+def build_model(args, data: FaceDataModule, resumed: FaceClassifier | None = None) -> FaceClassifier:
+    """The FaceClassifier to train, in training mode: a fresh one from the arguments, or the resumed
+    one, given its run's new length (Lightning then restores the rest of the run)."""
+    if resumed is not None:
+        model = resumed
         if model.class_names != data.class_names:
-            raise DataError(f"{resume_from} was trained on other identities than {args.data_dir}/train")
+            raise DataError(f"{args.resume_from} was trained on other identities than {args.data_dir}/train")
+        model.hparams.max_epochs = args.epochs
     else:
         architecture = dict(stem=args.stem, head_layers=args.head_layers) if args.backbone == "facenn" else {}
         architecture.update({k: v for k, v in (("widths", args.widths), ("depths", args.depths)) if v})
@@ -163,15 +172,15 @@ def build_model(args, data: FaceDataModule, resume_from: Path | None) -> FaceCla
             label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha, loss=args.loss, margin=args.margin,
             scale=args.scale,
         )
-        if args.init_from:  # fine-tuning: the weights of another run, this run's optimiser and schedule
+        if args.init_from:  # fine-tuning: another run's weights, this run's optimiser and schedule
             try:
-                model.init_from(load_model(args.init_from, device="cpu"))
+                model.init_from(model_from_checkpoint(args.init_from, read_checkpoint(args.init_from)))
             except ValueError as error:
-                raise DataError(f"--init-from {args.init_from}: {error}") from error
+                raise UserError(f"--init-from {args.init_from}: {error}") from error
     if args.recompute_gelu:  # memory for time, not architecture: for this run only, fresh or resumed
         blocks = [block for block in model.modules() if isinstance(block, ConvNeXtBlock)]
         if not blocks:
-            raise DataError(f"--recompute-gelu: the {model.hparams.backbone} backbone has no FaceNN ConvNeXt blocks")
+            raise UserError(f"--recompute-gelu: the {model.hparams.backbone} backbone has no FaceNN ConvNeXt blocks")
         for block in blocks:
             block.recompute_gelu = True
     return model
@@ -182,19 +191,79 @@ def checkpoint_to_resume(args) -> Path | None:
     if args.resume:
         path = args.out / "last.ckpt" if args.resume == "last" else Path(args.resume)
         if not path.is_file():
-            raise DataError(f"no checkpoint to resume at {path}")
+            raise UserError(f"no checkpoint to resume at {path}")
         return path
     earlier = sorted(args.out.glob("*.ckpt")) if args.out.is_dir() else []
     if earlier and not args.overwrite:
-        raise DataError(
+        raise UserError(
             f"{args.out} already holds a run ({earlier[0].name}); pass --resume to continue it, "
             "--overwrite to replace it, or another --out"
         )
     return None
 
 
+def take_settings(args, checkpoint: dict, path: Path) -> None:
+    """A resumed run's settings are its checkpoint's: each flag of RUN_SETTINGS takes the value the
+    checkpoint holds, and one given with another value is refused. --epochs may change (the run's
+    new length), and so may CHANGEABLE_ON_RESUME."""
+    early_stopping = next((state for key, state in checkpoint.get("callbacks", {}).items()
+                           if key.startswith("EarlyStopping")), {})
+    parts = {
+        "model": checkpoint["hyper_parameters"],
+        "architecture": checkpoint["hyper_parameters"].get("architecture") or {},
+        "data": checkpoint.get("datamodule_hyper_parameters", {}),
+        "early stopping": early_stopping,
+    }
+    for flag, (part, name) in RUN_SETTINGS.items():
+        if name not in parts[part]:
+            continue  # the architecture holds widths and depths only where they were given
+        kept = parts[part][name]
+        kept = tuple(kept) if isinstance(kept, list) else kept
+        given = tuple(getattr(args, flag)) if isinstance(getattr(args, flag), list) else getattr(args, flag)
+        if flag in args.given and flag in CHANGEABLE_ON_RESUME:
+            continue
+        if flag in args.given and given != kept:
+            option = "--" + flag.replace("_", "-")
+            raise UserError(f"{option} {given} contradicts {path}, which was trained with {kept}: a resumed run "
+                            f"keeps its settings (leave out {option}, or start a new run in another --out)")
+        setattr(args, flag, kept)
+    if "epochs" not in args.given:
+        args.epochs = checkpoint["hyper_parameters"]["max_epochs"]
+
+
+def nothing_left(args, checkpoint: dict, path: Path) -> str | None:
+    """Why a resumed run has no epoch left to train, or None."""
+    done = checkpoint["epoch"] + 1
+    if done >= args.epochs:
+        return (f"{path} has trained {done} epochs of {args.epochs}: nothing left to train "
+                f"(pass --epochs N with N > {done} to train it longer)")
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("EarlyStopping") and state["wait_count"] >= state["patience"]:
+            return (f"{path} stopped early after epoch {done - 1} ({state['patience']} epochs without a better "
+                    "dev loss): nothing left to train")
+    return None
+
+
+def check_trainable(args, data: FaceDataModule, model: FaceClassifier, world: int) -> None:
+    """Refuse, before anything is written, a run that could not train a single step."""
+    share = math.ceil(len(data.train_dataset) / world)  # images per device (the sampler pads shares)
+    if share < 2:
+        raise DataError(f"{args.data_dir}/train: {len(data.train_dataset)} images for {world} devices make no training "
+                        "batch (expected at least 2 images a device)")
+    if args.batch_size == 1 and model.hparams.backbone == "facenn":
+        # BatchNorm cannot train on one value per channel: at batch 1 the last stage must be over 1x1
+        model.eval()
+        with torch.no_grad():
+            last_stage = model.model.body(model.model.stem(model.example_input_array))
+        model.train()
+        if last_stage.shape[-2:].numel() < 2:
+            raise UserError(f"--batch-size 1 with {model.example_input_array.shape[-1]} px images: BatchNorm has one value a "
+                            "channel to train on in the last stage (use --batch-size 2 or more, or larger --image-size)")
+
+
 def clear_earlier_run(out: Path) -> None:
-    """--overwrite: the earlier run's files go only once the new run is ready to start."""
+    """A new run's --out holds no earlier run's files: they go only once the new run is ready to
+    start (with --overwrite; otherwise there is no checkpoint to lose)."""
     for path in [*out.glob("*.ckpt"), out / "metrics.csv", out / "hparams.yaml"]:
         path.unlink(missing_ok=True)
 
@@ -211,16 +280,31 @@ def main(argv=None) -> int:
             raise DataError(str(error)) from error
     if not args.data_dir.is_dir():
         raise DataError(f"no data directory at {args.data_dir}: {KAGGLE_HELP}")
+    writes_out = rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0  # not DDP's other ranks
+    with folder_lock(args.out, "run_training.py") if writes_out else nullcontext():
+        return train(args)
+
+
+def train(args) -> int:
+    """The run itself, once --out is this process's alone."""
     L.seed_everything(args.seed, workers=True, verbose=False)
-    resume_from = checkpoint_to_resume(args)
+    args.resume_from = checkpoint_to_resume(args)
+    resumed = read_checkpoint(args.resume_from) if args.resume_from else None
+    if resumed is not None:
+        model = model_from_checkpoint(args.resume_from, resumed)  # first: a damaged or foreign file is one line
+        take_settings(args, resumed, args.resume_from)
 
     data = FaceDataModule(
         args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, image_size=args.image_size,
         subset_classes=args.subset_classes, full=args.full, mean=tuple(args.mean), std=tuple(args.std),
-        augment_on_device=args.augment_on_device,
+        augment_on_device=args.augment_on_device, seed=args.seed,
     )
     data.setup("fit")
-    model = build_model(args, data, resume_from)
+    model = build_model(args, data, model if resumed else None)
+    if resumed is not None and (reason := nothing_left(args, resumed, args.resume_from)):
+        print(reason)
+        return 0
+    model.example_input_array = torch.zeros(1, *data.train_dataset[0][0].shape)  # the summary's shapes and FLOPs
     accelerator, precision = resolve_accelerator(args)
     # leave a core to each data worker (oversubscribed cores thrash), unless OMP_NUM_THREADS decides
     if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -229,11 +313,12 @@ def main(argv=None) -> int:
     # two callbacks: Lightning's save_last only follows epochs that improved the monitored metric
     last = AtomicCheckpoint(dirpath=args.out, filename="last", enable_version_counter=False)
     best = AtomicCheckpoint(dirpath=args.out, filename="best", monitor="val_acc", mode="max", enable_version_counter=False)
-    callbacks = [last, LearningRateMonitor("epoch"), Throughput()]
+    callbacks = [LearningRateMonitor("epoch"), Throughput(), EpochSeed(args.seed)]
     if validate:
-        callbacks += [best, EarlyStopping("val_loss", patience=args.patience)]
+        callbacks += [EarlyStopping("val_loss", patience=args.patience), best]
+    callbacks.append(last)  # the last to save, so that it holds every other callback's state of its epoch
     # flushed at every log call, so a killed run keeps its log
-    loggers = [ResumableCSVLogger(args.out, resume=resume_from is not None, flush_logs_every_n_steps=1)]
+    loggers = [ResumableCSVLogger(args.out, flush_logs_every_n_steps=1)]
     if args.wandb != "off":
         loggers.append(WandbLogger(project="FaceClassifier", save_dir=args.out, offline=args.wandb == "offline"))
     try:
@@ -243,20 +328,22 @@ def main(argv=None) -> int:
             default_root_dir=args.out, benchmark=True, log_every_n_steps=10,
         )
     except (MisconfigurationException, ValueError) as error:  # --accelerator, --devices, --strategy, --precision
-        raise DataError(" ".join(str(error).split())) from error
+        raise UserError(" ".join(str(error).split())) from error
     world = trainer.world_size
+    check_trainable(args, data, model, world)
     rank_zero_info(
         f"device: {accelerator} x {world} | precision: {precision} | parameters: {count_parameters(model):,}\n"
         f"data: {len(data.train_dataset):,} train images, "
         + (f"{len(data.val_dataset):,} dev images, " if validate else "dev merged into train (--full), ")
         + f"{data.num_classes:,} identities | batch {args.batch_size} per device, {args.batch_size * world} global"
+        + (f"\nresuming {args.resume_from} at epoch {resumed['epoch'] + 1} of {args.epochs}" if resumed else "")
     )
-    if args.overwrite and resume_from is None:
+    if resumed is None:  # --overwrite, or what a run left that stopped before its first checkpoint
         clear_earlier_run(args.out)
     if args.compile:  # the network alone: in place, so the checkpoint's keys stay those of the plain model
         model.model.compile()
     try:
-        trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+        trainer.fit(model, datamodule=data, ckpt_path=args.resume_from)
     except SystemExit as stop:  # how Lightning ends a run after Ctrl-C or SIGTERM, once it has shut down the workers
         last = args.out / "last.ckpt"
         hint = f"continue from {last} with --resume" if last.is_file() else "no epoch finished"

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli import one_line
 from data import (
     KAGGLE_MEAN,
     KAGGLE_STD,
@@ -236,8 +237,9 @@ def test_mixed_image_sizes_without_image_size_fail_at_first_batch_in_one_line(da
     module.setup("fit")
     with pytest.raises(DataError) as raised:
         next(iter(module.train_dataloader()))
-    assert str(raised.value).startswith("images of different sizes in one batch")
-    assert "--image-size" in str(raised.value) and "\n" not in str(raised.value)
+    message = one_line(raised.value)  # what cli.run prints
+    assert message.startswith("images of different sizes in one batch")
+    assert "--image-size" in message and "\n" not in message
 
 
 def test_dataloader_with_workers_yields_a_batch_and_module_pickles(data_dir):

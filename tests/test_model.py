@@ -123,10 +123,14 @@ def test_forward_features_is_the_pooled_embedding():
     torch.testing.assert_close(model.head.classifier(features), model(x))
 
 
-def test_eval_mode_is_deterministic():
-    model = FaceNN(num_classes=10, **TINY).eval()
-    x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+def test_eval_mode_uses_running_statistics_not_the_batchs():
+    model = FaceNN(num_classes=10, **TINY)
+    x = torch.randn(4, 3, 64, 64)
+    assert not torch.allclose(model(x)[:1], model(x[:1]))  # training: BatchNorm normalises by the batch
+    model.eval()
+    before = [buffer.clone() for buffer in model.buffers()]
+    torch.testing.assert_close(model(x)[:1], model(x[:1]))  # eval: an image's output is its own
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))  # and the statistics stay
 
 
 def test_channels_last_gives_the_same_output_as_nchw():

@@ -15,8 +15,8 @@ import torch
 import predict
 import run_training
 import training
-from data import DataError
-from training import FaceClassifier, epoch_metrics, warmup_cosine
+from cli import UserError
+from training import FaceClassifier, epoch_metrics, model_from_checkpoint, read_checkpoint, warmup_cosine
 from tests.conftest import FAST, TINY_SET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,8 @@ def test_recompute_gelu_is_for_the_run_it_is_given_to(tiny_faces, tmp_path):
         args = run_training.parse_args(["--data-dir", str(tiny_faces), *FAST, *argv])
         data = FaceDataModule(tiny_faces, batch_size=8, num_workers=0)
         data.setup("fit")
-        model = run_training.build_model(args, data, resume_from)
+        resumed = model_from_checkpoint(resume_from, read_checkpoint(resume_from)) if resume_from else None
+        model = run_training.build_model(args, data, resumed)
         return [block.recompute_gelu for block in model.modules() if isinstance(block, ConvNeXtBlock)]
 
     out = tmp_path / "recompute"
@@ -126,7 +127,7 @@ def test_recompute_gelu_is_for_the_run_it_is_given_to(tiny_faces, tmp_path):
     assert recomputing([], out / "last.ckpt") == [False] * 4  # not part of the checkpoint
     assert recomputing(["--recompute-gelu"], out / "last.ckpt") == [True] * 4  # turned on when resuming
     assert recomputing(["--recompute-gelu"]) == [True] * 4
-    with pytest.raises(DataError, match="the convnext backbone has no FaceNN ConvNeXt blocks"):
+    with pytest.raises(UserError, match="the convnext backbone has no FaceNN ConvNeXt blocks"):
         recomputing(["--recompute-gelu", "--backbone", "convnext"])
 
 
@@ -289,5 +290,5 @@ def test_arcface_fine_tunes_a_cross_entropy_checkpoint(trained_run, tiny_faces, 
                              threshold=-1.0, num_workers=0)
     assert found["rows"] == 8 and found["said_unknown"] == 0
     wider = [*flags[:-2], "--init-from", trained_run / "best.ckpt", "--widths", "8,16,24,48", "--overwrite"]
-    with pytest.raises(DataError, match="its network differs"):
+    with pytest.raises(UserError, match="its network differs"):
         run_training.main(list(map(str, wider)))

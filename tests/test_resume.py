@@ -1,0 +1,242 @@
+"""A resumed run trains the model an uninterrupted one would: every module in training mode,
+BatchNorm statistics advancing, the callbacks' state of the right epoch, the same weights; it
+takes its settings from the checkpoint, extends with --epochs, and says when nothing is left.
+And --out is one run's at a time."""
+
+import csv
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_training
+from cli import UserError, folder_lock
+from data import DataError, FaceDataModule
+from training import AtomicCheckpoint, FaceClassifier, epoch_metrics, warmup_cosine
+from tests.conftest import FAST
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = ["--epochs", "4", "--lr", "3e-3"]  # 4 steps an epoch at FAST's batch 8 on the tiny set
+BATCH_NORM_STEPS = "model.stem.layers.2.num_batches_tracked"
+
+
+def train(data_dir, out, *flags):
+    return run_training.main(["--data-dir", str(data_dir), "--out", str(out), *FAST, *EPOCHS, *flags])
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def callback_state(checkpoint, kind: str) -> dict:
+    """The state of the one callback whose state key starts with `kind` (EarlyStopping, or the
+    ModelCheckpoint that monitors val_acc)."""
+    (state,) = [value for key, value in checkpoint["callbacks"].items() if key.startswith(kind)]
+    return state
+
+
+def rows(metrics_csv: Path) -> list[dict]:
+    with open(metrics_csv, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class Watch:
+    """Records, at each training step, whether every module is in training mode, and raises
+    KeyboardInterrupt (what Ctrl-C raises) at step `stop_at`."""
+
+    def __init__(self, monkeypatch):
+        self.modes, self.stop_at = [], None
+        step = FaceClassifier.training_step
+
+        def training_step(model, batch, batch_idx):
+            self.modes.append(all(module.training for module in model.modules()))
+            if model.global_step == self.stop_at:
+                raise KeyboardInterrupt
+            return step(model, batch, batch_idx)
+
+        monkeypatch.setattr(FaceClassifier, "training_step", training_step)
+
+
+@pytest.fixture
+def watch(monkeypatch):
+    return Watch(monkeypatch)
+
+
+def test_a_resumed_run_trains_the_same_model_as_an_uninterrupted_one(tiny_faces, tmp_path, watch):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train(tiny_faces, whole) == 0
+    watch.stop_at = 9  # in epoch 2: epochs 0 and 1 are in last.ckpt
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_faces, parts)
+    interrupted = load(parts / "last.ckpt")
+    assert interrupted["epoch"] == 1
+    log_before = rows(parts / "metrics.csv")
+
+    watch.stop_at, watch.modes = None, []
+    assert train(tiny_faces, parts, "--resume") == 0
+    assert len(watch.modes) == 8 and all(watch.modes)  # epochs 2 and 3, all of the network training
+    resumed, uninterrupted = load(parts / "last.ckpt"), load(whole / "last.ckpt")
+    assert resumed["epoch"] == 3
+    assert resumed["state_dict"][BATCH_NORM_STEPS] == interrupted["state_dict"][BATCH_NORM_STEPS] + 8 == 16
+    for name, tensor in uninterrupted["state_dict"].items():  # same seed, same data order: the same model
+        assert torch.equal(resumed["state_dict"][name], tensor), name
+    for name, tensor in load(whole / "best.ckpt")["state_dict"].items():
+        assert torch.equal(load(parts / "best.ckpt")["state_dict"][name], tensor), name
+    # the log goes on from the interrupted run's rows (new columns may join), and has every epoch once
+    log_after = rows(parts / "metrics.csv")
+    assert [{key: row[key] for key in log_before[0]} for row in log_after[: len(log_before)]] == log_before
+    assert [epoch for epoch, _ in epoch_metrics(parts / "metrics.csv")["val_acc"]] == [0, 1, 2, 3]
+
+
+def test_last_checkpoint_holds_the_best_score_and_patience_of_its_own_epoch(tiny_faces, tmp_path, monkeypatch):
+    saved = []  # (epoch, best val_acc, early-stopping best val_loss, its wait count) of each last.ckpt
+    save = AtomicCheckpoint._save_checkpoint
+
+    def recording(self, trainer, filepath):
+        save(self, trainer, filepath)
+        if Path(filepath).name == "last.ckpt":
+            checkpoint = load(filepath)
+            stopping = callback_state(checkpoint, "EarlyStopping")
+            best = callback_state(checkpoint, "AtomicCheckpoint{'monitor': 'val_acc'")
+            saved.append((checkpoint["epoch"], best["best_model_score"], stopping["best_score"], stopping["wait_count"]))
+
+    monkeypatch.setattr(AtomicCheckpoint, "_save_checkpoint", recording)
+    assert train(tiny_faces, tmp_path / "run") == 0
+    series = epoch_metrics(tmp_path / "run" / "metrics.csv")
+    accuracy, loss = [value for _, value in series["val_acc"]], [value for _, value in series["val_loss"]]
+    assert [epoch for epoch, *_ in saved] == [0, 1, 2, 3]
+    for epoch, best_accuracy, best_loss, wait in saved:
+        assert best_accuracy == pytest.approx(max(accuracy[: epoch + 1]))
+        assert best_loss == pytest.approx(min(loss[: epoch + 1]))
+        assert wait == epoch - loss.index(min(loss[: epoch + 1]))
+
+
+def test_extending_a_finished_run_follows_the_schedule_of_the_new_total(tiny_faces, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_faces, out) == 0
+    finished = (out / "last.ckpt").read_bytes()
+    assert train(tiny_faces, out, "--resume") == 0  # finished: says so, changes nothing
+    assert "nothing left to train" in capsys.readouterr().out
+    assert (out / "last.ckpt").read_bytes() == finished
+
+    assert train(tiny_faces, out, "--resume", "--epochs", "6") == 0
+    last = load(out / "last.ckpt")
+    assert last["epoch"] == 5 and last["hyper_parameters"]["max_epochs"] == 6
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=3e-3)
+    scheduler, expected = warmup_cosine(optimizer, warmup_epochs=1, max_epochs=6), []
+    for _ in range(6):
+        expected.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    (lr_name,) = [name for name in epoch_metrics(out / "metrics.csv") if name.startswith("lr")]
+    logged = dict(epoch_metrics(out / "metrics.csv")[lr_name])
+    assert [logged[epoch] for epoch in (4, 5)] == pytest.approx(expected[4:])
+
+
+def test_early_stopped_run_has_nothing_left_to_train(trained_run, tiny_faces, tmp_path, capsys):
+    out = shutil.copytree(trained_run, tmp_path / "run")
+    checkpoint = load(out / "last.ckpt")
+    callback_state(checkpoint, "EarlyStopping")["wait_count"] = 20  # as after 20 epochs without progress
+    torch.save(checkpoint, out / "last.ckpt")
+    assert run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), *FAST, "--batch-size", "4", "--resume", "--epochs", "12"]) == 0
+    assert "stopped early" in capsys.readouterr().out
+
+
+def test_resume_takes_the_checkpoints_settings_and_refuses_contradicting_flags(tiny_faces, tmp_path, watch):
+    out = tmp_path / "run"
+    watch.stop_at = 4  # the start of epoch 1
+    settings = ["--image-size", "40", "--mean", "0.5", "0.4", "0.3", "--std", "0.2", "0.2", "0.2"]
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_faces, out, *settings)
+    watch.stop_at = None
+    with pytest.raises(UserError, match=r"--widths \(8, 8, 8, 8\) contradicts .* trained with \(8, 16, 24, 32\)"):
+        train(tiny_faces, out, "--resume", "--widths", "8,8,8,8")
+    with pytest.raises(UserError, match="--lr 0.1 contradicts"):
+        train(tiny_faces, out, "--resume", "--lr", "0.1")
+    assert train(tiny_faces, out, "--resume", "--image-size", "40") == 0  # repeating a setting is fine
+    hp = load(out / "last.ckpt")["hyper_parameters"]
+    assert hp["image_size"] == 40 and tuple(hp["mean"]) == (0.5, 0.4, 0.3) and hp["max_epochs"] == 4
+
+
+def test_a_second_run_into_a_busy_out_is_refused_until_the_first_ends(tiny_faces, tmp_path):
+    out = tmp_path / "run"
+    with folder_lock(out, "run_training.py"):
+        with pytest.raises(UserError, match="another run_training.py is writing into it"):
+            train(tiny_faces, out)
+        assert not (out / "metrics.csv").exists()
+    holder = subprocess.Popen(  # a run killed while it holds the lock leaves it free
+        [sys.executable, "-c", f"import sys; sys.path[:0] = [{str(ROOT)!r}]; import cli, time\n"
+         f"with cli.folder_lock(__import__('pathlib').Path({str(out)!r}), 'x'):\n print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match="another"):
+        train(tiny_faces, out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert train(tiny_faces, out, "--epochs", "1") == 0
+
+
+def test_batch_of_one_on_a_one_by_one_last_stage_is_refused(tiny_faces, tmp_path):
+    with pytest.raises(UserError, match="--batch-size 1 with 32 px images"):
+        train(tiny_faces, tmp_path / "run", "--batch-size", "1", "--image-size", "32")
+    assert not (tmp_path / "run" / "last.ckpt").exists()
+
+
+def test_a_set_too_small_for_one_batch_is_refused_before_training(tiny_faces, tmp_path):
+    data = shutil.copytree(tiny_faces, tmp_path / "data")
+    for folder in (data / "train").iterdir():  # one image an identity
+        for image in sorted(folder.iterdir())[1:]:
+            image.unlink()
+    args = run_training.parse_args(["--data-dir", str(data), *FAST])
+    module = FaceDataModule(data, batch_size=8, num_workers=0)
+    module.setup("fit")
+    model = run_training.build_model(args, module)
+    model.example_input_array = torch.zeros(1, 3, 48, 48)
+    run_training.check_trainable(args, module, model, world=2)  # 4 images: 2 a device, one batch each
+    with pytest.raises(DataError, match="4 images for 4 devices make no training batch"):
+        run_training.check_trainable(args, module, model, world=4)
+    for folder in sorted((data / "train").iterdir())[1:]:
+        shutil.rmtree(folder)
+        shutil.rmtree(data / "dev" / folder.name)
+    with pytest.raises(DataError, match="one identity, n000001 .expected at least 2"):
+        train(data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resumed_log_keeps_its_line_endings(trained_run, tiny_faces, tmp_path):
+    out = shutil.copytree(trained_run, tmp_path / "run")
+    before = (out / "metrics.csv").read_bytes()
+    assert b"\r\n" in before  # what the csv module writes
+    assert run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), *FAST, "--batch-size", "4", "--resume", "--epochs", "9"]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        assert sum(1 for row in csv.DictReader(f) if row["epoch"] == "8" and row["val_acc"]) == 1
+    assert (out / "metrics.csv").read_bytes().startswith(before)
+
+
+@pytest.mark.parametrize("logger", ["lightning", "ours"])
+def test_the_log_survives_where_lightnings_csv_logger_loses_it(tmp_path, monkeypatch, logger):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from training import ResumableCSVLogger
+
+    log = tmp_path / "metrics.csv"
+    earlier = b"epoch,step,val_acc\r\n0,7,0.25\r\n"
+    log.write_bytes(earlier)
+    writer = (CSVLogger(tmp_path, name="", version="") if logger == "lightning" else ResumableCSVLogger(tmp_path)).experiment
+    kept_at_start = log.exists()
+    writer.log_metrics({"val_acc": 0.5, "train_loss": 1.0}, step=15)  # a new column: the file is rewritten
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    with pytest.raises(OSError):
+        writer.save()
+    if logger == "lightning":  # deleted at the start, or truncated by the failed rewrite
+        assert not kept_at_start or not log.read_bytes().startswith(earlier)
+    else:
+        assert kept_at_start and log.read_bytes() == earlier
