@@ -28,15 +28,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torchvision.transforms import v2
 
 from architecture import NUM_CLASSES, FaceNN, convnext_baseline
 from cli import keep_freed_memory
-from data import KAGGLE_MEAN, KAGGLE_STD, BatchAugment, decode_transform, load_rgb, train_transform
+from data import KAGGLE_MEAN, KAGGLE_STD, BatchAugment, decode_batch, load_image, read_encoded, train_transform
 from residual_blocks import ConvNeXtBlock
 from synthetic_faces import generate
 
@@ -177,8 +179,16 @@ def part_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> 
 # -----------------------------------------------------------------------------
 # data path
 
-def images_per_second(transform, files: list[Path], repeats: int) -> float:
-    """Images one DataLoader worker decodes (and transforms) per second: one process, one thread."""
+def original_pipeline(path):
+    """The original's train path, for comparison: PIL decode, v2's transforms on the PIL image."""
+    augment = v2.Compose([v2.RandomRotation(30), v2.RandomHorizontalFlip(), v2.ColorJitter(0.2, 0.2, 0.2, 0.2),
+                          v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(KAGGLE_MEAN, KAGGLE_STD)])
+    with Image.open(path) as image:
+        return augment(image.convert("RGB"))
+
+
+def images_per_second(load, files: list[Path], repeats: int) -> float:
+    """Images one DataLoader worker loads with `load(path)` per second: one process, one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:
@@ -186,44 +196,58 @@ def images_per_second(transform, files: list[Path], repeats: int) -> float:
         for _ in range(repeats):
             start = time.perf_counter()
             for path in files:
-                transform(load_rgb(path))
+                load(path)
             times.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
     return len(files) / statistics.median(times)
 
 
-def data_rates(data_dir: str | None, count: int, image_size: int, repeats: int) -> tuple[dict, str]:
-    """Per-worker rates of the CPU train transform and of decoding alone (augmenting on the GPU),
+def device_rates(files: list[Path], batch_size: int, device: torch.device, repeats: int = 3) -> dict:
+    """Images per second of --augment-on-device's half on `device`, per batch of batch_size JPEGs:
+    decode (decode_batch: batched nvjpeg on CUDA), BatchAugment, and both."""
+    encoded = [read_encoded(files[i % len(files)]) for i in range(batch_size)]
+    paths = [str(files[i % len(files)]) for i in range(batch_size)]
+    augment = BatchAugment().to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    decode = lambda: decode_batch(encoded, paths, device, None, set())[0]  # noqa: E731
+    images = decode()
+    steps = {"decode": decode, "augment": lambda: augment(images), "decode + augment": lambda: augment(decode())}
+    rates = {}
+    for name, step in steps.items():
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+        rates[name] = batch_size / statistics.median(times[1:])
+    return rates
+
+
+def data_rates(data_dir: str | None, count: int, image_size: int, repeats: int, device: torch.device,
+               device_batch: int) -> tuple[dict, dict, str]:
+    """Per-worker rates on the CPU (the original's pipeline, this project's decode + augment, decode
+    alone, and reading the bytes, all --augment-on-device leaves the workers) and rates on `device`,
     on `count` JPEGs of data_dir, or on synthetic faces written to a temporary directory."""
-    transforms = {"decode + augment": train_transform(KAGGLE_MEAN, KAGGLE_STD), "decode only": decode_transform()}
+    augment = train_transform()
+    loads = {"the original's PIL decode + augment": original_pipeline, "decode + augment": lambda p: augment(load_image(p)),
+             "decode only": load_image, "read bytes (--augment-on-device)": read_encoded}
+
+    def measure(files):
+        per_worker = {kind: images_per_second(load, files, repeats) for kind, load in loads.items()}
+        return per_worker, device_rates(files, device_batch, device)
     if data_dir:
         files = sorted(Path(data_dir).rglob("*.jpg"))[:count]
         if not files:
             raise SystemExit(f"error: no .jpg files under {data_dir}")
-        return {k: images_per_second(t, files, repeats) for k, t in transforms.items()}, f"{len(files)} JPEGs of {data_dir}"
+        return *measure(files), f"{len(files)} JPEGs of {data_dir}"
     with tempfile.TemporaryDirectory() as tmp:
         identities = 8
         generate(tmp, identities=identities, train_per_identity=math.ceil(count / identities), dev_per_identity=0,
                  test_per_identity=0, image_size=image_size, workers=1)
         files = sorted(Path(tmp).rglob("*.jpg"))
-        rates = {k: images_per_second(t, files, repeats) for k, t in transforms.items()}
-    return rates, f"{len(files)} synthetic {image_size} px face JPEGs"
-
-
-def batch_augment_rate(batch_size: int, image_size: int, device: torch.device, repeats: int = 3) -> float:
-    """Images per second of BatchAugment (--augment-on-device: rotation, flip, colour jitter and
-    normalisation drawn per image) on decoded uint8 batches already on `device`."""
-    augment = BatchAugment().to(device)
-    images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
-        start = time.perf_counter()
-        augment(images)
-        sync()
-        times.append(time.perf_counter() - start)
-    return batch_size / statistics.median(times[1:])
+        return *measure(files), f"{len(files)} synthetic {image_size} px face JPEGs"
 
 
 # -----------------------------------------------------------------------------
@@ -375,9 +399,8 @@ def main(argv=None):
     del pieces
 
     log("timing the data path")
-    data, data_source = data_rates(args.data_dir, args.data_images, args.image_size, repeats=2)
-    augment_batch = 256 if on_gpu else 32
-    augment_rate = batch_augment_rate(augment_batch, args.image_size, device)
+    device_batch = 8 if args.quick else 256
+    data, on_device, data_source = data_rates(args.data_dir, args.data_images, args.image_size, 2, device, device_batch)
     log("estimating training memory")
     memory = {}
     for variant, architecture in MEMORY_VARIANTS.items():
@@ -425,11 +448,18 @@ def main(argv=None):
 
     fastest = {name: max((s for s in settings if s[0] == name), key=lambda s: rate[("train", *s)]) for name in MODELS}
     best = rate[("train", *fastest["FaceNN"])]
+    print(f"data path ({data_source}); FaceNN's fastest training here takes {best:.1f} img/s")
+    print()
+    print("| data path | where | img/s | workers to feed the training |")
+    print("|---|---|---:|---:|")
     for kind, per_worker in data.items():
-        print(f"data path, {kind}: {per_worker:.0f} img/s per worker ({data_source}); FaceNN's fastest training "
-              f"takes {best:.1f} img/s -> {math.ceil(best / per_worker)} worker(s) keep it fed")
-    print(f"augmentation on the {device.type} (BatchAugment, batches of {augment_batch}): {augment_rate:.0f} img/s, "
-          f"against {data['decode + augment']:.0f} img/s per CPU worker for decode + augment")
+        print(f"| {kind} | per CPU worker | {per_worker:.0f} | {math.ceil(best / per_worker)} |")
+    for kind, device_rate in on_device.items():
+        print(f"| {kind} | {device.type}, batches of {device_batch} | {device_rate:.0f} | - |")
+    print()
+    print(f"data path, CPU decode + augment: {data['decode + augment'] / data[next(iter(data))]:.2f}x the original's "
+          f"per worker (target >= 1.50x); on the {device.type}, decode + augment takes "
+          f"{100 * best / on_device['decode + augment']:.0f}% of the training's rate")
     headroom = {variant: 1 - max(figures.values()) / GPU_MEMORY for variant, figures in memory.items()}
     for variant, figures in memory.items():
         print(f"memory, FaceNN ({variant}) training at batch {args.memory_batch_size}, {args.image_size} px, 16-mixed: "

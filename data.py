@@ -9,13 +9,17 @@ Problems with the data are a DataError: one line naming the path and what was ex
 Run `python data.py stats DIR/train` to measure the normalisation mean/std of another data set.
 """
 
+import io
+import math
 import os
 import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -28,100 +32,224 @@ KAGGLE_MEAN = (0.5103, 0.4014, 0.3509)
 KAGGLE_STD = (0.2708, 0.2363, 0.2226)
 NO_MATCH = "n000000"  # the sibling verification task's label for an unknown face matching no known identity
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
-# What PIL raises for a file it cannot decode: OSError covers UnidentifiedImageError (not an
-# image, zero bytes) and "image file is truncated"; plugins raise SyntaxError and ValueError.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+# What load_image raises for a file it cannot decode: OSError covers a missing file, PIL's
+# UnidentifiedImageError (not an image, zero bytes) and truncated data; PIL's plugins raise
+# SyntaxError and ValueError; an image over PIL.Image.MAX_IMAGE_PIXELS raises one of the two last.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's 16-bit grayscale
 
 
 class DataError(UserError):
     """A problem with the user's data, told in one line naming the path and what was expected."""
 
 
-def _compose(augmentation: list, mean, std, image_size: int | None) -> v2.Compose:
-    # Resize first, so augmentation runs on the small image.
-    resize = [v2.Resize((image_size, image_size))] if image_size else []
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(resize + augmentation + to_tensor)
+def _resize(image_size: int | None) -> list:
+    return [v2.Resize((image_size, image_size))] if image_size else []
 
 
 def train_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None) -> v2.Compose:
-    """The seed's augmentation, then a normalised float32 CHW tensor."""
-    augmentation = [v2.RandomRotation(30), v2.RandomHorizontalFlip(), v2.ColorJitter(0.2, 0.2, 0.2, 0.2)]
-    return _compose(augmentation, mean, std, image_size)
+    """The original's augmentation of one uint8 image (BatchAugment on a batch of one: the same
+    results as v2's RandomRotation(30), RandomHorizontalFlip and ColorJitter(0.2, 0.2, 0.2, 0.2)
+    on the tensor, cheaper), then normalised float32 CHW. Resize first, so augmentation runs on
+    the small image."""
+    return v2.Compose(_resize(image_size) + [v2.ToImage(), PerImage(BatchAugment(mean, std))])
 
 
 def eval_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None) -> v2.Compose:
     """A normalised float32 CHW tensor, the same every time."""
-    return _compose([], mean, std, image_size)
+    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(_resize(image_size) + to_float)
 
 
-def decode_transform(image_size: int | None = None) -> v2.Compose:
-    """Decode (and resize) only, to a uint8 CHW tensor: the CPU half when BatchAugment runs the
-    augmentation on the GPU. uint8 also moves a quarter of float32's bytes to the device."""
-    resize = [v2.Resize((image_size, image_size))] if image_size else []
-    return v2.Compose(resize + [v2.ToImage()])
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats to uint8 as v2.ToDtype(torch.uint8, scale=True) does it (scale just under 256, truncate)."""
+    return x.mul(255 + 1.0 - 1e-3).to(torch.uint8)
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """v2's luma of uint8 RGB images, floored, as float32 (n, 1, H, W)."""
+    r, g, b = images.unbind(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(1)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """v2's blend of uint8 images, one ratio per image: addcmul rounds as v2's add(alpha=) does."""
+    return torch.addcmul(images.mul(ratio), other, 1 - ratio).clamp_(0, 255).to(torch.uint8)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """v2's brightness of uint8 images, one factor per image (n, 1, 1, 1); so are the next two."""
+    return images.mul(factor).clamp_(0, 255).to(torch.uint8)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(images, _gray(images).mean((1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(images, _gray(images), factor)
+
+
+def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """v2's HSV hue shift of uint8 RGB images, one shift per image (n, 1, 1, 1), in the same float32
+    operations, with the channel max/min and the HSV-to-RGB selection done in fewer passes."""
+    x = images.to(torch.float32).mul_(1.0 / 255)
+    r, g, b = x.unbind(1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    spread = v - torch.minimum(torch.minimum(r, g), b)
+    # v2 divides by 1 where a pixel is grey (spread 0, numerators 0); a tiny floor gives the same 0
+    s = spread / v.clamp_min(1e-9)
+    rc, gc, bc = (v.unsqueeze(1) - x).div_(spread.clamp_min(1e-9).unsqueeze(1)).unbind(1)
+    top = torch.maximum(torch.maximum(images[:, 0], images[:, 1]), images[:, 2])  # compared in uint8: cheaper
+    red_top, green_top = top == images[:, 0], top == images[:, 1]
+    h = (bc - gc).mul_(red_top) + (rc + 2.0).sub_(bc).mul_(green_top & ~red_top) + (gc + 4.0).sub_(rc).mul_(~(red_top | green_top))
+    h = h.mul_(1.0 / 6.0).add_(1.0).fmod_(1.0).add_(factor.view(-1, 1, 1)).remainder_(1.0)
+
+    h6 = h.mul_(6)
+    sector = torch.floor(h6)
+    f = h6.sub_(sector)
+    sxf = s * f
+    one_minus_s = 1.0 - s
+    q = _to_uint8((1.0 - sxf).mul_(v).clamp_(0.0, 1.0))
+    t = _to_uint8(sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0))
+    p = _to_uint8(one_minus_s.mul_(v).clamp_(0.0, 1.0))
+    v = _to_uint8(v)
+    # HSV to RGB: sector i (6 is 0) picks each channel from v, q, t, p, as v2's table does; one of
+    # the masks is set per pixel, so a sum of masked uint8 values is the selection
+    sector = sector.to(torch.uint8)
+    s0, s1, s2, s3, s4, s5 = ((sector == i).view(torch.uint8) for i in range(6))  # 0/1 without a copy
+    s0 = s0 + (sector == 6).view(torch.uint8)
+    red = v * (s0 + s5) + q * s1 + t * s4 + p * (s2 + s3)
+    green = v * (s1 + s2) + q * s3 + t * s0 + p * (s4 + s5)
+    blue = v * (s3 + s4) + q * s5 + t * s2 + p * (s0 + s1)
+    return torch.stack((red, green, blue), 1)
+
+
+
+
+def rotate_and_flip(images: torch.Tensor, angles: list[float], flip: torch.Tensor) -> torch.Tensor:
+    """v2's rotate of uint8 images about their centres, nearest neighbour, filled with 0, one angle
+    (degrees, counter-clockwise) per image, then a horizontal flip where `flip` is set: the same
+    matrix and sampling grid (v2 multiplies (x, y, 1) by the matrix; with no translation that is
+    the same two products and one sum per coordinate, here done as outer sums), all images at
+    once. A flipped image samples the same grid's columns in reverse, cheaper than torch.flip."""
+    n, _, height, width = images.shape
+    device = images.device
+    turns = [math.radians(-(angle % 360)) for angle in angles]
+    theta = torch.tensor([[math.cos(a), -math.sin(a), math.sin(a), math.cos(a)] for a in turns])
+    theta = theta.view(n, 2, 2).div_(torch.tensor([0.5 * width, 0.5 * height])).to(device).view(n, 4, 1, 1)
+    x = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, device=device).view(1, 1, width)
+    x = torch.where(flip.to(device).view(n, 1, 1), x.flip(-1), x)
+    y = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, device=device).view(1, height, 1)
+    grid = torch.stack((x * theta[:, 0] + y * theta[:, 2], x * theta[:, 1] + y * theta[:, 3]), -1)
+    out = torch.nn.functional.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round_().to(torch.uint8)
 
 
 class BatchAugment(torch.nn.Module):
-    """The seed's train augmentation for a whole uint8 NCHW batch on its device, each image with
-    its own random rotation, horizontal flip and colour jitter, then normalised.
+    """The original's train augmentation for a whole uint8 NCHW batch on its device, each image with
+    its own parameters, then normalised to float32.
 
     v2 transforms draw one set of parameters per call, so on a batch every image would get the
-    same rotation and jitter; this draws them per image. Rotation samples with nearest
-    neighbours and fills with black, as RandomRotation does. Hue is turned in YIQ space, a
-    linear stand-in for ColorJitter's HSV hue shift; brightness, contrast and saturation are
-    torchvision's formulas.
+    same rotation and jitter. This draws them per image from v2's distributions (sample) and
+    applies v2's formulas (RandomRotation(degrees), RandomHorizontalFlip, then ColorJitter's four
+    adjustments in a random order per image): on the CPU the result equals v2's transforms applied
+    image by image with the same parameters, bit for bit. Parameters are drawn on the CPU, so a
+    GPU batch waits for nothing.
     """
 
-    def __init__(self, mean=KAGGLE_MEAN, std=KAGGLE_STD, degrees: float = 30, jitter: float = 0.2, hue: float = 0.2):
+    def __init__(self, mean=KAGGLE_MEAN, std=KAGGLE_STD, degrees: float = 30, brightness: float = 0.2,
+                 contrast: float = 0.2, saturation: float = 0.2, hue: float = 0.2):
         super().__init__()
-        self.degrees, self.jitter, self.hue = degrees, jitter, hue
+        self.degrees = degrees
+        # v2.ColorJitter's ranges; a zero spread leaves the adjustment out, as v2 does
+        self.ranges = [(1 - brightness, 1 + brightness), (1 - contrast, 1 + contrast),
+                       (1 - saturation, 1 + saturation), (-hue, hue)]
+        self.spreads = (brightness, contrast, saturation, hue)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-        self.register_buffer("to_yiq", to_yiq)
-        self.register_buffer("from_yiq", torch.linalg.inv(to_yiq))
 
-    def _factor(self, n: int, spread: float, device) -> torch.Tensor:
-        """One random factor per image, uniform in [1 - spread, 1 + spread]."""
-        return torch.empty(n, 1, 1, 1, device=device).uniform_(1 - spread, 1 + spread)
+    def sample(self, n: int) -> dict:
+        """Per image: angle ~ U(-degrees, degrees), flip with p 0.5, a uniformly random order of the
+        four colour adjustments and each factor uniform in its range, as v2 draws them."""
+        factors = torch.stack([torch.empty(n).uniform_(low, high) for low, high in self.ranges], 1)
+        return dict(angle=torch.empty(n).uniform_(-self.degrees, self.degrees), flip=torch.rand(n) < 0.5,
+                    order=torch.rand(n, 4).argsort(1), factors=factors)
 
-    def _gray(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.to_yiq[0].view(1, 3, 1, 1)).sum(1, keepdim=True)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255
-        n, device = x.shape[0], x.device
-        x = torch.where(torch.rand(n, 1, 1, 1, device=device) < 0.5, x.flip(-1), x)
-
-        angle = torch.deg2rad(torch.empty(n, device=device).uniform_(-self.degrees, self.degrees))
-        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-        x = torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-        x = (x * self._factor(n, self.jitter, device)).clamp(0, 1)  # brightness
-        mean_gray = self._gray(x).mean((2, 3), keepdim=True)
-        x = (mean_gray + (x - mean_gray) * self._factor(n, self.jitter, device)).clamp(0, 1)  # contrast
-        gray = self._gray(x)
-        x = (gray + (x - gray) * self._factor(n, self.jitter, device)).clamp(0, 1)  # saturation
-
-        turn = torch.empty(n, device=device).uniform_(-self.hue, self.hue) * 2 * torch.pi
-        cos, sin, one, zero = turn.cos(), turn.sin(), torch.ones_like(turn), torch.zeros_like(turn)
-        rows = [torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1), torch.stack([zero, sin, cos], 1)]
-        hue_turn = self.from_yiq @ torch.stack(rows, 1) @ self.to_yiq  # (n, 3, 3), one per image
-        x = torch.einsum("nij,njhw->nihw", hue_turn, x).clamp(0, 1)
-        return (x - self.mean) / self.std
+    def forward(self, images: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+        params = self.sample(len(images)) if params is None else params
+        x = rotate_and_flip(images, params["angle"].tolist(), params["flip"])
+        factors = params["factors"].view(-1, 4, 1, 1, 1)
+        adjustments = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        orders = params["order"].tolist()
+        for step in range(4):
+            for op, adjust in enumerate(adjustments):
+                chosen = [i for i, order in enumerate(orders) if order[step] == op]
+                if self.spreads[op] and chosen:
+                    x = _on_some(x, chosen, adjust, factors[:, op])
+        return (x.float().mul_(1 / 255) - self.mean) / self.std
 
 
-def load_rgb(path) -> Image.Image:
-    """Decode a whole image as RGB (grayscale, RGBA, palette and CMYK files all convert).
+def _on_some(images: torch.Tensor, chosen: list[int], adjust, factors: torch.Tensor) -> torch.Tensor:
+    """images with adjust(the chosen ones, their factors) applied to the chosen ones. The indices
+    come from the CPU, so a GPU batch never waits."""
+    if len(chosen) == len(images):
+        return adjust(images, factors.to(images.device))
+    index = torch.tensor(chosen)
+    on_device = index.to(images.device, non_blocking=True)
+    return images.index_copy(0, on_device, adjust(images.index_select(0, on_device), factors[index].to(images.device)))
 
-    The full decode happens here, so a corrupt or truncated file fails in this call with one of
-    DECODE_ERRORS; truncated files are never padded with grey (LOAD_TRUNCATED_IMAGES stays off).
+
+class PerImage(torch.nn.Module):
+    """A batch module applied to one CHW image, for a per-image transform pipeline."""
+
+    def __init__(self, batch_module: torch.nn.Module):
+        super().__init__()
+        self.batch_module = batch_module
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.batch_module(image.unsqueeze(0)).squeeze(0)
+
+
+def read_header(data: bytes) -> Image.Image:
+    """PIL's lazy open of encoded bytes: format, size and mode, nothing decoded yet. An image over
+    PIL.Image.MAX_IMAGE_PIXELS (a decompression-bomb guard) raises here, where PIL would only warn
+    up to twice that limit and leave the huge decode to the caller."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded image bytes to a uint8 RGB CHW tensor, every pixel with its full range.
+
+    JPEGs (RGB, grayscale, CMYK) decode through torchvision.io, faster than PIL and to the same
+    pixels (both are libjpeg-turbo); other formats through PIL: palette, alpha, CMYK, YCbCr, LAB and
+    1-bit images convert to RGB, 16-bit grayscale keeps its top 8 bits (PIL's RGB conversion clips
+    it to white). 32-bit integer and float pixels have no defined range: they raise a ValueError,
+    as does anything else PIL cannot convert. Truncated data raises OSError, never pads with grey.
     """
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    header = read_header(data)
+    if header.format == "JPEG":
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as error:  # torchvision's message starts with its source file's path
+            raise OSError(f"JPEG data is damaged: {str(error).rpartition(', ')[2]}") from error
+    with header as image:
+        image.load()  # the whole decode: a truncated file fails here
+        if image.mode in SIXTEEN_BIT_MODES:
+            gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+            return torch.from_numpy(gray).expand(3, *gray.shape).contiguous()
+        if image.mode in ("I", "F"):
+            kind = "integer" if image.mode == "I" else "float"
+            raise ValueError(f"mode {image.mode} (32-bit {kind} pixels) has no defined range; save it as 8 or 16 bits")
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def load_image(path) -> torch.Tensor:
+    """The one image loader of every command: a file to a uint8 RGB CHW tensor (see decode_image).
+    Failures raise one of DECODE_ERRORS, naming what is wrong but not the path."""
+    return decode_image(Path(path).read_bytes())
 
 
 def identity_folders(split_dir: Path) -> list[str]:
@@ -145,9 +273,10 @@ class FaceFolder(ImageFolder):
     never stops on a bad file. With worker processes each worker keeps its own `skipped`.
     """
 
-    def __init__(self, root, classes: list[str], transform):
+    def __init__(self, root, classes: list[str], transform, loader=load_image, with_paths: bool = False):
         self.classes = classes  # read by find_classes, which ImageFolder calls while scanning root
-        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
+        self.with_paths = with_paths  # (image, target, path): to name a file that fails later
+        super().__init__(root, transform=transform, loader=loader, allow_empty=True)
         if not self.samples:
             raise DataError(f"{root}: no images (expected {root}/<identity>/*.jpg)")
         self.skipped: set[str] = set()
@@ -165,7 +294,8 @@ class FaceFolder(ImageFolder):
                     self.skipped.add(path)
                     warnings.warn(f"skipping unreadable image {path}: {error}")
                 continue
-            return self.transform(image), target
+            image = image if self.transform is None else self.transform(image)
+            return (image, target, path) if self.with_paths else (image, target)
         raise DataError(f"{self.root}: none of its {len(self.samples)} images can be read (expected JPEG/PNG)")
 
 
@@ -205,7 +335,7 @@ class TestImages(Dataset):
         if skip_bad:
             for path in tqdm(paths, desc=f"checking {root}", unit="img"):
                 try:
-                    load_rgb(path)
+                    load_image(path)
                 except DECODE_ERRORS as error:
                     warnings.warn(f"leaving out unreadable test image {path}: {error}")
                     self.skipped.append(path)
@@ -218,7 +348,7 @@ class TestImages(Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            image = load_rgb(path)
+            image = load_image(path)
         except DECODE_ERRORS as error:
             raise DataError(f"{path}: unreadable image ({error}); expected every test image to be readable") from error
         return self.transform(image), path.name
@@ -238,14 +368,59 @@ def collate_same_size(batch):
     return default_collate(batch)
 
 
+def read_encoded(path) -> torch.Tensor:
+    """For decoding on the device: a JPEG's bytes as a 1-D uint8 tensor, once its header is read
+    (a file that is no JPEG, or over the size limit, fails here); any other image decoded on the
+    CPU as load_image does."""
+    data = Path(path).read_bytes()
+    if read_header(data).format == "JPEG":
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return decode_image(data)
+
+
+def collate_encoded(batch):
+    """(list of JPEG bytes or decoded images, targets, paths): decoded together on the device."""
+    images, targets, paths = zip(*batch)
+    return list(images), torch.tensor(targets), list(paths)
+
+
+def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.device, image_size: int | None,
+                 skipped: set[str]) -> tuple[torch.Tensor, list[int]]:
+    """Decodes a batch of JPEG bytes on `device` (torchvision's batched nvjpeg on CUDA), resizes
+    every image if image_size asks, and stacks them into one uint8 batch. When the batched decode
+    fails, each JPEG is decoded alone: those that fail are left out, warned about once and added
+    to `skipped`, as FaceFolder does on the CPU. Returns the batch and the indices kept."""
+    jpegs = [i for i, image in enumerate(images) if image.ndim == 1]
+    decoded = {i: image.to(device, non_blocking=True) for i, image in enumerate(images) if image.ndim == 3}
+    try:
+        decoded |= dict(zip(jpegs, decode_jpeg([images[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)))
+    except RuntimeError:
+        for i in jpegs:
+            try:
+                decoded[i] = decode_jpeg(images[i], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as error:
+                if paths[i] not in skipped:
+                    skipped.add(paths[i])
+                    warnings.warn(f"skipping unreadable image {paths[i]}: JPEG data is damaged: {str(error).rpartition(', ')[2]}")
+    kept = sorted(decoded)
+    if not kept:
+        raise DataError(f"{paths[0]}: none of the {len(paths)} images of a batch can be read (expected JPEG/PNG)")
+    batch = [decoded[i] for i in kept]
+    if image_size:
+        batch = [v2.functional.resize(image, [image_size, image_size]) for image in batch]
+    return collate_same_size([(image, 0) for image in batch])[0], kept
+
+
 class FaceDataModule(L.LightningDataModule):
     """The train/dev/test splits of DIR as DataLoaders; see the module docstring for the layout.
 
     full: train on train + dev (dev when it exists; the seed's final run) with no validation.
     subset_classes=N: keep only the first N identities (sorted), with all their images, in both
     train and dev, for prototyping. num_workers=None: min(8, CPUs); pin_memory=None: with CUDA.
-    augment_on_device: workers only decode; BatchAugment augments each train batch after it
-    reaches the device, so a few CPU workers can keep a GPU fed.
+    augment_on_device: workers only read the train JPEGs' bytes (other formats they decode); the
+    batch is decoded, resized and augmented (BatchAugment) where the model is, so a few CPU
+    workers can keep a GPU fed. Files that fail there are left out of their batch and listed in
+    `skipped`.
     """
 
     def __init__(
@@ -270,6 +445,7 @@ class FaceDataModule(L.LightningDataModule):
         self.class_names: list[str] = []
         self.train_dataset = self.val_dataset = self.test_dataset = None
         self.batch_augment = BatchAugment(mean, std) if augment_on_device else None
+        self.skipped: set[str] = set()  # train files that failed to decode on the device
 
     @property
     def num_classes(self) -> int:
@@ -297,16 +473,16 @@ class FaceDataModule(L.LightningDataModule):
             raise DataError(f"{train_dir}: one identity, {class_names[0]} (expected at least 2 to tell apart)")
 
         if hp.augment_on_device:
-            augment = decode_transform(hp.image_size)
+            encoded = dict(transform=None, loader=read_encoded, with_paths=True)
         else:
-            augment = train_transform(hp.mean, hp.std, hp.image_size)
+            encoded = dict(transform=train_transform(hp.mean, hp.std, hp.image_size))
         plain = eval_transform(hp.mean, hp.std, hp.image_size)
-        train = FaceFolder(train_dir, class_names, augment)
+        train = FaceFolder(train_dir, class_names, **encoded)
         empty = sorted(set(class_names) - {class_names[target] for target in train.targets})
         if empty:
             raise DataError(f"{train_dir / empty[0]}: no images (expected some for every identity; {len(empty)} empty)")
         if hp.full:
-            dev = [FaceFolder(dev_dir, class_names, augment)] if use_dev else []
+            dev = [FaceFolder(dev_dir, class_names, **encoded)] if use_dev else []
             self.train_dataset = ConcatDataset([train, *dev])
             self.val_dataset = None
         else:
@@ -315,13 +491,20 @@ class FaceDataModule(L.LightningDataModule):
         self.test_dataset = TestImages(test_dir, plain) if test_dir.is_dir() else None
         self.class_names = class_names
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.batch_augment is None or not self.trainer.training:
+            return batch
+        images, targets, paths = batch
+        images, kept = decode_batch(images, paths, self.trainer.strategy.root_device, self.hparams.image_size, self.skipped)
+        return images, targets[kept]
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.batch_augment is None or not self.trainer.training:
             return batch
         images, labels = batch
         return self.batch_augment.to(images.device)(images), labels
 
-    def _loader(self, dataset, sampler=None, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset, sampler=None, drop_last: bool = False, collate_fn=collate_same_size) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -330,7 +513,7 @@ class FaceDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate_same_size,
+            collate_fn=collate_fn,
             drop_last=drop_last,
         )
 
@@ -342,8 +525,9 @@ class FaceDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         per_device = -(-len(self.train_dataset) // world)  # DistributedSampler pads to equal shares
         epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0)
+        collate = collate_encoded if self.hparams.augment_on_device else collate_same_size
         return self._loader(EpochSeeded(self.train_dataset, self.hparams.seed), EpochShuffle(len(self.train_dataset), epoch),
-                            drop_last=per_device % self.hparams.batch_size == 1)
+                            drop_last=per_device % self.hparams.batch_size == 1, collate_fn=collate)
 
     def val_dataloader(self):
         # Lightning skips validation for an empty list of loaders (full mode has no dev set).

@@ -138,7 +138,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--num-nodes", type=at_least(1), default=1)
     p.add_argument("--strategy", default="auto")
     p.add_argument("--num-workers", type=at_least(0), help="data loading processes per device")
-    p.add_argument("--augment-on-device", action="store_true", help="workers only decode; augment batches on the GPU")
+    p.add_argument("--augment-on-device", choices=("auto", "on", "off"), default="auto",
+                   help="decode and augment train batches where the model is, workers only read files "
+                        "(auto: on when training on CUDA, where CPU augmentation cannot keep up)")
     p.add_argument("--mean", type=finite_float, nargs=3, default=KAGGLE_MEAN, help="normalisation (python data.py stats DIR/train)")
     p.add_argument("--std", type=at_least(1e-6, float), nargs=3, default=KAGGLE_STD)
     p.add_argument("--precision", help="default: 16-mixed on CUDA, 32-true on CPU")
@@ -152,6 +154,11 @@ def resolve_accelerator(args) -> tuple[str, str]:
     accelerator = pick_device().type if args.accelerator == "auto" else args.accelerator
     precision = args.precision or ("16-mixed" if accelerator in ("cuda", "gpu") else "32-true")
     return accelerator, precision
+
+
+def augment_on_device(choice: str, accelerator: str) -> bool:
+    """--augment-on-device auto: on a GPU, whose training outruns a few CPU workers' augmentation."""
+    return choice == "on" or (choice == "auto" and accelerator in ("cuda", "gpu"))
 
 
 def build_model(args, data: FaceDataModule, resumed: FaceClassifier | None = None) -> FaceClassifier:
@@ -294,10 +301,11 @@ def train(args) -> int:
         model = model_from_checkpoint(args.resume_from, resumed)  # first: a damaged or foreign file is one line
         take_settings(args, resumed, args.resume_from)
 
+    accelerator, precision = resolve_accelerator(args)
     data = FaceDataModule(
         args.data_dir, batch_size=args.batch_size, num_workers=args.num_workers, image_size=args.image_size,
         subset_classes=args.subset_classes, full=args.full, mean=tuple(args.mean), std=tuple(args.std),
-        augment_on_device=args.augment_on_device, seed=args.seed,
+        augment_on_device=augment_on_device(args.augment_on_device, accelerator), seed=args.seed,
     )
     data.setup("fit")
     model = build_model(args, data, model if resumed else None)
@@ -305,7 +313,6 @@ def train(args) -> int:
         print(reason)
         return 0
     model.example_input_array = torch.zeros(1, *data.train_dataset[0][0].shape)  # the summary's shapes and FLOPs
-    accelerator, precision = resolve_accelerator(args)
     # leave a core to each data worker (oversubscribed cores thrash), unless OMP_NUM_THREADS decides
     if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - data.num_workers))

@@ -24,7 +24,11 @@ def test_quick_run_prints_the_table_and_the_targets():
         for layout in ("NCHW", "channels_last"):
             assert any(line.startswith(f"| {model} | {layout} | eager | ") for line in lines), (model, layout)
     assert "| ConvNeXt | NCHW | eager | " in run.stdout and " | 1.00 | " in run.stdout  # the reference
-    assert sum(line.startswith("data path, ") for line in lines) == 2
+    for kind in ("the original's PIL decode + augment", "decode + augment", "decode only", "read bytes"):
+        assert any(line.startswith(f"| {kind}") and "| per CPU worker |" in line for line in lines), kind
+    for kind in ("decode", "augment", "decode + augment"):
+        assert any(line.startswith(f"| {kind} | cpu, batches of 8 |") for line in lines), kind
+    assert any(line.startswith("data path, CPU decode + augment: ") for line in lines)
     for variant in ("defaults", "--recompute-gelu"):
         assert any(line.startswith(f"memory, FaceNN ({variant}) training at batch 256") for line in lines), variant
     assert sum(line.startswith("target: FaceNN ") for line in lines) == 2

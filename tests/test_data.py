@@ -15,6 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from torchvision.transforms import v2
+
+import run_training
 from cli import one_line
 from data import (
     KAGGLE_MEAN,
@@ -23,10 +26,15 @@ from data import (
     DataError,
     FaceDataModule,
     TestImages,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
     compute_mean_std,
     eval_transform,
-    load_rgb,
+    load_image,
     main,
+    rotate_and_flip,
     train_transform,
 )
 
@@ -163,18 +171,68 @@ def test_train_transform_is_random_and_eval_deterministic():
     assert torch.equal(eval_transform()(image), eval_transform()(image))
 
 
-@pytest.mark.parametrize("mode, colour, fmt, suffix", [
-    ("L", 128, None, ".jpg"),
-    ("RGBA", (10, 20, 30, 0), None, ".png"),
-    ("P", 7, None, ".png"),
-    ("CMYK", (0, 255, 255, 0), "JPEG", ".jpg"),
+def save(path: Path, image: Image.Image) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+@pytest.mark.parametrize("name, image, expected", [
+    ("gray.jpg", Image.new("L", (40, 40), 128), (128, 128, 128)),
+    ("bits.png", Image.new("1", (40, 40), 1), (255, 255, 255)),
+    ("gray_alpha.png", Image.new("LA", (40, 40), (100, 0)), (100, 100, 100)),
+    ("palette.png", Image.new("RGB", (40, 40), (200, 40, 90)).quantize(), (200, 40, 90)),
+    ("rgba.png", Image.new("RGBA", (40, 40), (10, 20, 30, 0)), (10, 20, 30)),
+    ("cmyk.jpg", Image.new("CMYK", (40, 40), (0, 255, 255, 0)), (255, 0, 0)),
+    ("cmyk.tif", Image.new("CMYK", (40, 40), (0, 255, 255, 0)), (255, 0, 0)),
+    ("ycbcr.tif", Image.new("YCbCr", (40, 40), (128, 128, 128)), (128, 128, 128)),
+    ("lab.tif", Image.new("LAB", (40, 40), (255, 128, 128)), (254, 255, 254)),
+    ("sixteen.png", Image.fromarray(np.full((40, 40), 40000, np.uint16)), (156, 156, 156)),  # 40000 >> 8
+    ("sixteen_big_endian.tif", Image.new("I;16B", (40, 40), 20000), (78, 78, 78)),
 ])
-def test_any_image_mode_loads_as_rgb(tmp_path, mode, colour, fmt, suffix):
-    path = write_image(tmp_path / f"image{suffix}", colour, mode=mode, fmt=fmt)
+def test_every_image_mode_loads_as_rgb_with_its_range(tmp_path, name, image, expected):
+    """Each class of PIL mode, from a file of a known colour: the RGB mean is that colour (PIL's
+    RGB conversion turned the 16-bit images pure white)."""
+    path = save(tmp_path / name, image)
+    pixels = load_image(path)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 40, 40)
+    assert pixels.float().mean((1, 2)).tolist() == list(expected)
+    assert eval_transform()(pixels).shape == (3, 40, 40)
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_images_without_a_defined_range_are_skipped_and_counted(data_dir, mode):
+    path = save(data_dir / "train" / "n000001" / "wide.tif", Image.new(mode, (40, 40), 1000))
     assert Image.open(path).mode == mode
-    image = load_rgb(path)
-    assert image.mode == "RGB"
-    assert eval_transform()(image).shape == (3, 40, 40)
+    with pytest.raises(ValueError, match=f"mode {mode} .* has no defined range"):
+        load_image(path)
+    module = datamodule(data_dir, batch_size=13)
+    with pytest.warns(UserWarning, match="skipping unreadable image .*wide.tif: mode"):
+        batches = list(module.train_dataloader())
+    assert sum(len(targets) for _, targets in batches) == 13 and module.train_dataset.skipped == {str(path)}
+
+
+def test_images_over_the_pixel_limit_are_counted_skips_and_named_test_errors(data_dir, monkeypatch):
+    """PIL's decompression-bomb guard at a tiny limit: over it (where PIL only warns) and over twice
+    it (where PIL raises) an image fails to load with one of DECODE_ERRORS, never a traceback."""
+    warned = write_image(data_dir / "train" / "n000002" / "warned.png", size=(40, 40))  # 1,600 px
+    raised = write_image(data_dir / "train" / "n000002" / "raised.jpg", size=(50, 50))  # 2,500 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(Image.DecompressionBombWarning, match="exceeds limit of 1000 pixels"):
+        load_image(warned)
+    with pytest.raises(Image.DecompressionBombError):
+        load_image(raised)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # the fixture's 40 x 40 px images are within it
+    module = datamodule(data_dir, batch_size=14)
+    with pytest.warns(UserWarning, match="skipping unreadable image") as warned_about:
+        assert sum(len(targets) for _, targets in module.train_dataloader()) == 14
+    assert module.train_dataset.skipped == {str(raised)}
+    assert sum("skipping unreadable image" in str(w.message) for w in warned_about) == 1
+    big_test = write_image(data_dir / "test" / "003.png", size=(50, 50))
+    with pytest.raises(DataError, match=re.escape(f"{big_test}: unreadable image")):
+        TestImages(data_dir / "test", eval_transform())[3]
+    with pytest.warns(UserWarning, match="leaving out unreadable test image"):
+        assert len(TestImages(data_dir / "test", eval_transform(), skip_bad=True)) == 3
 
 
 def test_non_image_files_are_ignored(data_dir):
@@ -202,8 +260,8 @@ def write_bad_images(folder: Path) -> list[Path]:
 
 def test_truncated_image_fails_to_load_rather_than_loading_grey(tmp_path):
     truncated, _, _ = write_bad_images(tmp_path)
-    with pytest.raises(OSError, match="image file is truncated"):
-        load_rgb(truncated)
+    with pytest.raises(OSError, match="truncated"):
+        load_image(truncated)
 
 
 def test_unreadable_train_images_are_skipped_counted_and_epoch_completes(data_dir):
@@ -214,7 +272,7 @@ def test_unreadable_train_images_are_skipped_counted_and_epoch_completes(data_di
         batches = list(module.train_dataloader())
     assert sum(len(targets) for _, targets in batches) == 15
     assert module.train_dataset.skipped == {str(path) for path in bad}
-    assert len(warned) == 3
+    assert sum("skipping unreadable image" in str(w.message) for w in warned) == 3
 
 
 def test_unreadable_train_images_do_not_stop_an_epoch_in_worker_processes(data_dir):
@@ -380,19 +438,92 @@ def test_stats_command_error_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.splitlines() == [f"error: {missing}: directory not found (expected {missing}/<identity>/*.jpg)"]
 
 
-def test_batch_augment_draws_its_parameters_per_image():
+# --- the augmentation: BatchAugment against v2's transforms, image by image ------------------------
+
+
+@pytest.fixture(scope="module")
+def faces():
+    """16 synthetic face JPEGs (48 px), decoded: real images, not noise."""
+    from synthetic_faces import generate
+
+    root = Path(__import__("tempfile").mkdtemp()) / "faces"
+    generate(root, identities=4, train_per_identity=4, dev_per_identity=0, test_per_identity=0, image_size=48, workers=1)
+    return torch.stack([load_image(path) for path in sorted((root / "train").rglob("*.jpg"))])
+
+
+def v2_by_image(image: torch.Tensor, angle: float, flip: bool, order: list[int], factors: list[float]) -> torch.Tensor:
+    """The original's train transform, v2's own classes on a uint8 tensor, with given parameters."""
+    image = v2.RandomRotation(30).transform(image, dict(angle=angle))
+    image = v2.RandomHorizontalFlip(1.0).transform(image, {}) if flip else image
+    names = ["brightness_factor", "contrast_factor", "saturation_factor", "hue_factor"]
+    image = v2.ColorJitter(0.2, 0.2, 0.2, 0.2).transform(image, dict(fn_idx=order, **dict(zip(names, factors))))
+    return v2.Normalize(KAGGLE_MEAN, KAGGLE_STD)(v2.ToDtype(torch.float32, scale=True)(image))
+
+
+def test_each_batch_operation_equals_v2_image_by_image(faces):
     torch.manual_seed(0)
-    image = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8)
-    out = BatchAugment()(image.repeat(8, 1, 1, 1))
-    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
-    distinct = {tuple(row.flatten()[:64].tolist()) for row in out}
-    assert len(distinct) == 8  # eight different rotations/jitters of the same image
+    n = len(faces)
+    angles, flips = torch.empty(n).uniform_(-30, 30), torch.arange(n) % 2 == 0
+    rotated = rotate_and_flip(faces, angles.tolist(), flips)
+    for image, out, angle, flip in zip(faces, rotated, angles.tolist(), flips):
+        expected = v2.functional.rotate(image, angle, v2.InterpolationMode.NEAREST, fill=0)
+        assert torch.equal(out, v2.functional.horizontal_flip(expected) if flip else expected)
+    assert (rotated == 0).float().mean() > (faces == 0).float().mean() + 0.05  # corners filled with black
+    for ours, theirs, (low, high) in [(adjust_brightness, v2.functional.adjust_brightness, (0.8, 1.2)),
+                                      (adjust_contrast, v2.functional.adjust_contrast, (0.8, 1.2)),
+                                      (adjust_saturation, v2.functional.adjust_saturation, (0.8, 1.2)),
+                                      (adjust_hue, v2.functional.adjust_hue, (-0.5, 0.5))]:
+        factors = torch.empty(n).uniform_(low, high)
+        out = ours(faces, factors.view(n, 1, 1, 1))
+        for image, result, factor in zip(faces, out, factors.tolist()):
+            assert torch.equal(result, theirs(image, factor)), ours.__name__
+        assert not torch.equal(out, faces)
+
+
+def test_batch_augment_equals_v2_transforms_image_by_image(faces):
+    torch.manual_seed(0)
+    augment = BatchAugment()
+    params = augment.sample(len(faces))
+    out = augment(faces, params)
+    assert out.dtype == torch.float32 and out.shape == faces.shape
+    for i, image in enumerate(faces):
+        expected = v2_by_image(image, params["angle"][i].item(), bool(params["flip"][i]), params["order"][i].tolist(),
+                               params["factors"][i].tolist())
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-6)
+    assert len({tuple(row.flatten()[:64].tolist()) for row in out}) == len(faces)  # each its own parameters
+
+
+def test_batch_augment_draws_v2s_parameter_distributions():
+    torch.manual_seed(0)
+    n = 24_000
+    params = BatchAugment().sample(n)
+    assert v2.RandomRotation(30).degrees == [-30.0, 30.0]
+    angles = params["angle"]
+    assert -30 <= angles.min() < -29.9 and 29.9 < angles.max() <= 30
+    assert abs(angles.mean()) < 0.5 and abs(angles.std() - 60 / 12**0.5) < 0.3  # uniform
+    assert abs(params["flip"].float().mean() - 0.5) < 0.02
+    orders = {tuple(order) for order in params["order"].tolist()}
+    assert len(orders) == 24  # every order of the four adjustments, about equally often
+    counts = torch.unique(params["order"], dim=0, return_counts=True)[1].float()
+    assert (counts / n - 1 / 24).abs().max() < 0.006
+    jitter = v2.ColorJitter(0.2, 0.2, 0.2, 0.2)
+    for column, (low, high) in enumerate([jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]):
+        factors = params["factors"][:, column]
+        assert low <= factors.min() < low + 0.001 and high - 0.001 < factors.max() <= high
+        assert abs(factors.mean() - (low + high) / 2) < 0.003 and abs(factors.std() - (high - low) / 12**0.5) < 0.003
+
+
+def test_train_transform_is_batch_augment_on_one_image(faces):
+    torch.manual_seed(3)
+    expected = BatchAugment()(faces[:1])[0]
+    torch.manual_seed(3)
+    assert torch.equal(train_transform()(faces[0]), expected)
 
 
 def test_batch_augment_without_jitter_or_rotation_only_flips_and_normalises():
     torch.manual_seed(0)
     images = (torch.rand(16, 3, 20, 20) * 255).to(torch.uint8)
-    out = BatchAugment(degrees=0, jitter=0, hue=0)(images)
+    out = BatchAugment(degrees=0, brightness=0, contrast=0, saturation=0, hue=0)(images)
     mean, std = torch.tensor(KAGGLE_MEAN).view(1, 3, 1, 1), torch.tensor(KAGGLE_STD).view(1, 3, 1, 1)
     plain = (images.float() / 255 - mean) / std
     same = (out - plain).flatten(1).abs().amax(1) < 1e-4
@@ -401,13 +532,54 @@ def test_batch_augment_without_jitter_or_rotation_only_flips_and_normalises():
     assert 2 <= flipped.sum() <= 14  # about half flipped
 
 
-def test_augment_on_device_loads_uint8_and_augments_after_transfer(data_dir):
-    module = datamodule(data_dir, augment_on_device=True)
-    images, labels = next(iter(module.train_dataloader()))
-    assert images.dtype == torch.uint8
-    module.trainer = type("Trainer", (), {"training": True})()
-    augmented, same_labels = module.on_after_batch_transfer((images, labels), 0)
-    assert augmented.dtype == torch.float32 and augmented.shape == images.shape
-    assert torch.equal(same_labels, labels)
+# --- decoding on the device (here the CPU: the same code path) --------------------------------
+
+
+class FakeTrainer:
+    training, world_size, current_epoch = True, 1, 0
+    strategy = type("Strategy", (), {"root_device": torch.device("cpu")})()
+
+
+def test_augment_on_device_reads_bytes_decodes_after_the_workers_and_skips_damaged_jpegs(data_dir):
+    truncated, zero, _ = write_bad_images(data_dir / "train" / "n000003")  # the truncated JPEG's header is fine
+    png = write_image(data_dir / "train" / "n000003" / "lossless.png", colour=(1, 2, 3))
+    module = datamodule(data_dir, batch_size=16, augment_on_device=True, image_size=32)
+    with pytest.warns(UserWarning, match="skipping unreadable image .*(zero|text).jpg"):  # found by the worker
+        images, targets, paths = next(iter(module.train_dataloader()))
+    assert len(images) == 16 and {image.ndim for image in images} == {1, 3}  # JPEG bytes, the PNG decoded
+    assert images[paths.index(str(png))].shape == (3, 40, 40)
+    module.trainer = FakeTrainer()
+    with pytest.warns(UserWarning, match=re.escape(f"skipping unreadable image {truncated}: JPEG data is damaged")):
+        decoded, kept_targets = module.on_before_batch_transfer((images, targets, paths), 0)
+    kept = 16 - paths.count(str(truncated))  # a file the workers skipped is replaced by the next, maybe this one
+    assert decoded.dtype == torch.uint8 and decoded.shape == (kept, 3, 32, 32) and len(kept_targets) == kept
+    assert module.skipped == {str(truncated)}
+    augmented, same_targets = module.on_after_batch_transfer((decoded, kept_targets), 0)
+    assert augmented.dtype == torch.float32 and augmented.shape == decoded.shape and same_targets is kept_targets
     val_images, _ = next(iter(module.val_dataloader()))
-    assert val_images.dtype == torch.float32  # evaluation still normalises on the CPU
+    assert val_images.dtype == torch.float32  # evaluation still decodes and normalises on the CPU
+
+
+def test_decoded_on_device_equals_decoded_by_the_workers(data_dir):
+    module = datamodule(data_dir, batch_size=12, augment_on_device=True)
+    module.trainer = FakeTrainer()
+    images, targets, paths = next(iter(module.train_dataloader()))
+    decoded, _ = module.on_before_batch_transfer((images, targets, paths), 0)
+    assert torch.equal(decoded, torch.stack([load_image(path) for path in paths]))
+
+
+def test_lightning_fits_with_augmentation_on_the_device(data_dir):
+    module = FaceDataModule(data_dir, batch_size=16, num_workers=0, augment_on_device=True)
+    probe = Probe(num_classes=4)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(probe, datamodule=module)
+    assert probe.steps == {"train": 1, "val": 1}
+
+
+@pytest.mark.parametrize("choice, accelerator, on", [
+    ("auto", "cpu", False), ("auto", "cuda", True), ("auto", "gpu", True), ("on", "cpu", True), ("off", "cuda", False),
+])
+def test_augment_on_device_defaults_to_the_gpu(choice, accelerator, on):
+    assert run_training.parse_args([]).augment_on_device == "auto"
+    assert run_training.augment_on_device(choice, accelerator) is on
