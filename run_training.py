@@ -28,7 +28,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS, count_parameters
-from cli import ArgumentParser, UserError, at_least, finite_float, folder_lock, keep_freed_memory, pick_device, run
+from cli import (ArgumentParser, UserError, at_least, finite_float, folder_lock, keep_freed_memory, overlaps, pick_device,
+                 run)
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from residual_blocks import ConvNeXtBlock
 from training import (BACKBONES, MARGINS, AtomicCheckpoint, EpochSeed, FaceClassifier, ResumableCSVLogger, Throughput,
@@ -92,6 +93,8 @@ def parse_args(argv=None):
         p.error("--margin is for --loss arcface or cosface")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run from a checkpoint's weights, --resume continues one: pick one")
+    if args.init_from and overlaps(args.init_from, args.out):
+        p.error(f"--init-from {args.init_from} lies in --out {args.out}, whose run this one replaces: give another --out")
     return args
 
 

@@ -266,7 +266,7 @@ def test_a_margin_loss_replaces_the_head_and_refuses_mixup():
         FaceClassifier(5, loss="arcface", **{**small, "mixup_alpha": 1.0})
 
 
-def test_arcface_fine_tunes_a_cross_entropy_checkpoint(trained_run, tiny_faces, tmp_path):
+def test_arcface_fine_tunes_a_cross_entropy_checkpoint(trained_run, tiny_faces, tmp_path, capsys):
     ce = predict.load_model(trained_run / "best.ckpt", "cpu")
     fresh = FaceClassifier(TINY_SET["identities"], class_names=ce.class_names, loss="arcface", mixup_alpha=0.0,
                            architecture=dict(ce.hparams.architecture))
@@ -289,6 +289,9 @@ def test_arcface_fine_tunes_a_cross_entropy_checkpoint(trained_run, tiny_faces, 
     found = predict.identify(out / "last.ckpt", tiny_faces / "train", tiny_faces / "test", tmp_path / "ids.csv",
                              threshold=-1.0, num_workers=0)
     assert found["rows"] == 8 and found["said_unknown"] == 0
+    with pytest.raises(SystemExit):  # the run it starts from would be cleared
+        run_training.main(list(map(str, [*flags, "--out", trained_run, "--overwrite"])))
+    assert "lies in --out" in capsys.readouterr().err and (trained_run / "best.ckpt").is_file()
     wider = [*flags[:-2], "--init-from", trained_run / "best.ckpt", "--widths", "8,16,24,48", "--overwrite"]
     with pytest.raises(UserError, match="its network differs"):
         run_training.main(list(map(str, wider)))
