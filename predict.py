@@ -434,14 +434,15 @@ def parse_args(argv=None):
     p.add_argument("--images", type=Path, required=True, help="images, flat or in subfolders")
     p.add_argument("--out", type=Path, required=True, help="the .npy; file names go beside it as .txt")
 
-    p = commands.add_parser("verify", parents=[model], help="cosine similarity of image pairs, ROC AUC and EER")
+    p = commands.add_parser("verify", parents=[model], help="cosine similarity of image pairs; ROC AUC, EER, TAR@FAR")
     p.add_argument("--checkpoint", required=True, **checkpoint)
     p.add_argument("--pairs", type=Path, required=True, help="CSV img1,img2[,same] of file names in --images")
     p.add_argument("--images", type=Path, required=True, help="the images the pairs name")
     p.add_argument("--out", type=Path, help="CSV of the scores")
     p.add_argument("--roc", type=Path, help="PNG of the ROC curve")
 
-    p = commands.add_parser("identify", parents=[model], help="map unknown faces to known identities or to n000000 (Kaggle's verification task)",
+    p = commands.add_parser("identify", parents=[model],
+                            help=f"map unknown faces to known identities or {NO_MATCH} (Kaggle's verification task)",
                             description="Each image of --unknown gets the identity of --known whose mean embedding "
                             f"is closest by cosine similarity, or {NO_MATCH} when that similarity is under the "
                             "threshold. Writes id,label for every image.")
