@@ -33,10 +33,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from torchvision.transforms import v2
 
-from architecture import NUM_CLASSES, FaceNN, convnext_baseline
+from architecture import NUM_CLASSES, FaceNN, convnext_baseline, train_flops
 from cli import keep_freed_memory
 from data import KAGGLE_MEAN, KAGGLE_STD, BatchAugment, decode_batch, load_image, read_encoded, train_transform
 from residual_blocks import ConvNeXtBlock
@@ -52,30 +51,6 @@ MEMORY_VARIANTS = {"defaults": {}, "--recompute-gelu": dict(recompute_gelu=True)
 
 def log(message: str):
     print(message, file=sys.stderr, flush=True)
-
-
-# -----------------------------------------------------------------------------
-# FLOPs
-
-def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                        _output_padding, _groups, output_mask, out_shape=None) -> int:
-    """The input gradient and the weight gradient of a convolution each cost its forward FLOPs.
-
-    torch's own formula leaves `groups` out of the weight gradient, which counts a depthwise
-    convolution's weight gradient once per channel: FaceNN's training step would be 49 GFLOP per
-    image instead of 16, ConvNeXt's 36 instead of 13."""
-    forward = conv_flop_count(grad_out_shape if transposed else x_shape, w_shape,
-                              x_shape if transposed else grad_out_shape, transposed)
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-def train_flops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
-    """FLOPs of one forward and backward pass (matmuls and convolutions, as torch counts them)."""
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
-    with counter:
-        F.cross_entropy(model(images), labels).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 # -----------------------------------------------------------------------------

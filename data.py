@@ -137,9 +137,10 @@ def rotate_and_flip(images: torch.Tensor, angles: list[float], flip: torch.Tenso
     device = images.device
     turns = [math.radians(-(angle % 360)) for angle in angles]
     theta = torch.tensor([[math.cos(a), -math.sin(a), math.sin(a), math.cos(a)] for a in turns])
-    theta = theta.view(n, 2, 2).div_(torch.tensor([0.5 * width, 0.5 * height])).to(device).view(n, 4, 1, 1)
+    theta = theta.view(n, 2, 2).div_(torch.tensor([0.5 * width, 0.5 * height]))
+    theta = theta.to(device, non_blocking=True).view(n, 4, 1, 1)  # non_blocking: no wait for the GPU
     x = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width, device=device).view(1, 1, width)
-    x = torch.where(flip.to(device).view(n, 1, 1), x.flip(-1), x)
+    x = torch.where(flip.to(device, non_blocking=True).view(n, 1, 1), x.flip(-1), x)
     y = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, device=device).view(1, height, 1)
     grid = torch.stack((x * theta[:, 0] + y * theta[:, 2], x * theta[:, 1] + y * theta[:, 3]), -1)
     out = torch.nn.functional.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
@@ -194,10 +195,11 @@ def _on_some(images: torch.Tensor, chosen: list[int], adjust, factors: torch.Ten
     """images with adjust(the chosen ones, their factors) applied to the chosen ones. The indices
     come from the CPU, so a GPU batch never waits."""
     if len(chosen) == len(images):
-        return adjust(images, factors.to(images.device))
+        return adjust(images, factors.to(images.device, non_blocking=True))
     index = torch.tensor(chosen)
     on_device = index.to(images.device, non_blocking=True)
-    return images.index_copy(0, on_device, adjust(images.index_select(0, on_device), factors[index].to(images.device)))
+    chosen_factors = factors[index].to(images.device, non_blocking=True)
+    return images.index_copy(0, on_device, adjust(images.index_select(0, on_device), chosen_factors))
 
 
 class PerImage(torch.nn.Module):

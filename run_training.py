@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -32,8 +32,8 @@ from cli import (ArgumentParser, UserError, at_least, finite_float, folder_lock,
                  run)
 from data import KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from residual_blocks import ConvNeXtBlock
-from training import (BACKBONES, MARGINS, AtomicCheckpoint, EpochSeed, FaceClassifier, ResumableCSVLogger, Throughput,
-                      model_from_checkpoint, plot_curves, read_checkpoint)
+from training import (BACKBONES, MARGINS, AtomicCheckpoint, EpochSeed, FaceClassifier, ResumableCSVLogger,
+                      ThroughputMonitor, model_from_checkpoint, plot_curves, read_checkpoint)
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
 # The flags whose values a checkpoint keeps, and where: a resumed run takes them from there, and
@@ -57,6 +57,7 @@ DEMO_DATA = dict(
     identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10, image_size=64,
     verification_identities=40, pairs=3000, unknown_per_identity=4,
 )
+LOG_EVERY_N_STEPS = 10
 DEMO_ARGS = dict(
     data_dir=Path("demo_data"), out=Path("checkpoint/demo"), epochs=15, warmup_epochs=1, batch_size=64,
     lr=2e-3, widths="32,64,128,256", depths="1,1,3,1", accelerator="cpu", num_workers=1, wandb="off", overwrite=True,
@@ -323,7 +324,9 @@ def train(args) -> int:
     # two callbacks: Lightning's save_last only follows epochs that improved the monitored metric
     last = AtomicCheckpoint(dirpath=args.out, filename="last", enable_version_counter=False)
     best = AtomicCheckpoint(dirpath=args.out, filename="best", monitor="val_acc", mode="max", enable_version_counter=False)
-    callbacks = [LearningRateMonitor("epoch"), Throughput(), EpochSeed(args.seed)]
+    # the bar reads the loss from the GPU when it redraws: on a GPU only at the steps the loggers write
+    bar = TQDMProgressBar(refresh_rate=1 if accelerator == "cpu" else LOG_EVERY_N_STEPS)
+    callbacks = [LearningRateMonitor("epoch"), ThroughputMonitor(), EpochSeed(args.seed), bar]
     if validate:
         callbacks += [EarlyStopping("val_loss", patience=args.patience), best]
     callbacks.append(last)  # the last to save, so that it holds every other callback's state of its epoch
@@ -335,7 +338,7 @@ def train(args) -> int:
         trainer = L.Trainer(
             accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
             precision=precision, max_epochs=model.hparams.max_epochs, callbacks=callbacks, logger=loggers,
-            default_root_dir=args.out, benchmark=True, log_every_n_steps=10,
+            default_root_dir=args.out, benchmark=True, log_every_n_steps=LOG_EVERY_N_STEPS,
         )
     except (MisconfigurationException, ValueError) as error:  # --accelerator, --devices, --strategy, --precision
         raise UserError(" ".join(str(error).split())) from error
@@ -346,6 +349,7 @@ def train(args) -> int:
         f"data: {len(data.train_dataset):,} train images, "
         + (f"{len(data.val_dataset):,} dev images, " if validate else "dev merged into train (--full), ")
         + f"{data.num_classes:,} identities | batch {args.batch_size} per device, {args.batch_size * world} global"
+        + f" | {data.num_workers} data workers per device"
         + (f"\nresuming {args.resume_from} at epoch {resumed['epoch'] + 1} of {args.epochs}" if resumed else "")
     )
     if resumed is None:  # --overwrite, or what a run left that stopped before its first checkpoint
@@ -367,6 +371,9 @@ def train(args) -> int:
         print(f"rank {trainer.global_rank}: dev accuracy {trainer.callback_metrics['val_acc']:.6f}")
     if not trainer.is_global_zero:
         return 0
+    if trainer.strategy.root_device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device)
+        print(f"peak GPU memory (torch.cuda.max_memory_allocated): {peak / 1e9:.2f} GB")
     plot_curves(args.out / "metrics.csv", args.out / "curves.png")
     if validate:
         print(f"best dev accuracy {best.best_model_score:.4f}: {best.best_model_path}")

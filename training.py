@@ -14,16 +14,18 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import callbacks
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from architecture import NUM_CLASSES, WIDTHS, FaceNN, convnext_baseline
+from architecture import NUM_CLASSES, WIDTHS, FaceNN, convnext_baseline, train_flops
 from cli import UserError, pick_device
 from data import KAGGLE_MEAN, KAGGLE_STD
 
@@ -105,7 +107,6 @@ class FaceClassifier(L.LightningModule):
         max_epochs: int = 60,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 1.0,
-        channels_last: bool = True,
         loss: str = "ce",
         margin: float | None = None,
         scale: float = 64.0,
@@ -126,35 +127,79 @@ class FaceClassifier(L.LightningModule):
             self.model.set_submodule(CLASSIFIERS[backbone], nn.Identity())  # the embedding comes out instead of logits
             embedding = (architecture or {}).get("widths", WIDTHS)[-1]  # both backbones embed at the last width
             self.margin_head = MarginHead(embedding, num_classes, loss, self.hparams.margin, scale)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model.to(memory_format=self.memory_format)
+        # the one place that decides the memory layout, for training and inference alike
+        self.model.to(memory_format=torch.channels_last)
         self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.flops_per_image: int | None = None  # counted at the first training batch, when its size is known
+        self.flops_per_batch: int | None = None  # what ThroughputMonitor reads
+        self.first_bad_loss: torch.Tensor | None = None  # step, epoch and value; see watch_loss
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits; with a margin loss, `labels` put the margin on the true classes (training)."""
-        output = self.model(x.contiguous(memory_format=self.memory_format))
+        output = self.model(x.contiguous(memory_format=torch.channels_last))
         return output if self.margin_head is None else self.margin_head(output, labels)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised pooled features, for verification by cosine similarity."""
-        return F.normalize(self.model.forward_features(x.contiguous(memory_format=self.memory_format)), dim=1)
+        return F.normalize(self.model.forward_features(x.contiguous(memory_format=torch.channels_last)), dim=1)
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
+        if self.flops_per_image is None:
+            self.flops_per_image = self.count_flops(images.shape[1:])
+        self.flops_per_batch = self.flops_per_image * len(labels)
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)  # soft targets
         logits = self(images) if self.margin_head is None else self(images, labels)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): "
-                "lower --lr, or check the data"
-            )
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels), sync_dist=True)
+        self.watch_loss(loss)
+        # the step value is this device's own: syncing it would cost an all-reduce every step under
+        # DDP; the epoch value is accumulated on the device and all-reduced once, at the epoch's end
+        log = dict(prog_bar=True, batch_size=len(labels))
+        self.log("train_loss_step", loss, on_step=True, on_epoch=False, **log)
+        self.log("train_loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, **log)
         return loss
+
+    def count_flops(self, image_shape) -> int:
+        """FLOPs of a training step (forward and backward) per image, counted on a copy of the
+        network on the meta device: nothing is computed and the real network is left alone."""
+        hp = self.hparams
+        with torch.device("meta"):
+            model = BACKBONES[hp.backbone](hp.num_classes, **(hp.architecture or {}))
+            images, labels = torch.empty(2, *image_shape), torch.zeros(2, dtype=torch.long)
+        return train_flops(model, images, labels) // 2  # two images: BatchNorm cannot train on one
+
+    def watch_loss(self, loss: torch.Tensor) -> None:
+        """Keeps the step, epoch and value of the first loss that is not finite, on the loss's own
+        device: testing it in a Python `if` would make the host wait for the GPU every step.
+        raise_if_diverged reads it where the host waits anyway."""
+        loss = loss.detach().double()
+        if self.first_bad_loss is None:
+            self.first_bad_loss = torch.full((3,), -1.0, dtype=torch.float64, device=loss.device)
+        now = torch.stack([torch.full_like(loss, self.global_step), torch.full_like(loss, self.current_epoch), loss])
+        first = (self.first_bad_loss[0] < 0) & ~torch.isfinite(loss)
+        self.first_bad_loss = torch.where(first, now, self.first_bad_loss)
+
+    def raise_if_diverged(self) -> None:
+        """The one-line error for a loss that went NaN or infinite, naming the step where it did."""
+        if self.first_bad_loss is None:
+            return
+        step, epoch, loss = self.first_bad_loss.tolist()
+        if step >= 0:
+            raise FloatingPointError(
+                f"training loss is {loss} at step {int(step)} (epoch {int(epoch)}): lower --lr, or check the data"
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # at the steps the loggers write, which wait for the GPU to read the loss anyway
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            self.raise_if_diverged()
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_diverged()
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch
@@ -186,6 +231,7 @@ class FaceClassifier(L.LightningModule):
             raise ValueError(f"its network differs from this one ({off[0]}; pass the same architecture flags)")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_diverged()  # no checkpoint holds the weights of a diverged run
         checkpoint["class_names"] = self.class_names
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -227,7 +273,8 @@ def read_checkpoint(path) -> dict:
 def model_from_checkpoint(path, checkpoint: dict) -> FaceClassifier:
     """The FaceClassifier a checkpoint describes, with its weights, in training mode as a new module is."""
     try:
-        model = FaceClassifier(**checkpoint["hyper_parameters"], class_names=checkpoint["class_names"])
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k != "channels_last"}  # an older flag
+        model = FaceClassifier(**hparams, class_names=checkpoint["class_names"])
         model.load_state_dict(checkpoint["state_dict"])
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
         raise UserError(f"{path}: its weights or settings do not fit FaceClassifier ({CHECKPOINT_HELP})") from error
@@ -253,20 +300,57 @@ class EpochSeed(L.Callback):
         torch.manual_seed((self.seed * 1_000_003 + trainer.current_epoch) % 2**63)
 
 
-class Throughput(L.Callback):
-    """Logs the images trained on and images per second in each epoch, summed over devices, so
-    the CSV log, the progress bar and wandb show the speed next to the loss."""
+def images_in(batch) -> int:
+    return len(batch[1])
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.images, self.start = 0, time.perf_counter()
 
+class ThroughputMonitor(callbacks.ThroughputMonitor):
+    """Lightning's ThroughputMonitor (images/s, FLOP/s and, on GPUs Lightning knows, the fraction of
+    their peak, over its last `window_size` readings, logged as train/...), reading its clock only
+    at the steps the loggers write and at each epoch's last step. At each epoch's end it also logs
+    that epoch's train_img_per_s and train_flop_per_s over the whole epoch, data loading included,
+    and train_images, all summed over devices.
+
+    Lightning's own reads the clock every step after torch.cuda.synchronize(), so the host could
+    never queue the next step while the GPU works on this one; here the steps in between are
+    counted, and timed together at the next reading."""
+
+    def __init__(self, window_size: int = 4):
+        super().__init__(batch_size_fn=images_in, window_size=window_size)
+
+    @rank_zero_only
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self.unclocked_flops = 0
+        self.epoch_start = (0.0, 0)  # seconds and images at the last epoch's end, as the totals count them
+
+    @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.images += len(batch[1])
+        stage, throughput = RunningStage.TRAINING, self._throughputs[RunningStage.TRAINING]
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._batches[stage] += 1
+        self.unclocked_flops += pl_module.flops_per_batch or 0
+        last = batch_idx + 1 == trainer.num_training_batches
+        if not (trainer._logger_connector.should_update_logs or last):
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the clock reads when the GPU has finished the steps it counts
+        throughput.update(time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage],
+                          samples=self._samples[stage], flops=self.unclocked_flops or None)
+        self.unclocked_flops = 0
+        self._compute(trainer)  # logs at the loggers' steps only
+        if last:
+            self.log_epoch(trainer, pl_module, throughput.compute())
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        rate = self.images / (time.perf_counter() - self.start)
-        pl_module.log("train_img_per_s", rate, prog_bar=True, sync_dist=True, reduce_fx="sum")
-        pl_module.log("train_images", float(self.images), sync_dist=True, reduce_fx="sum")
+    def log_epoch(self, trainer, pl_module, totals: dict) -> None:
+        seconds, images = totals["time"] - self.epoch_start[0], totals["samples"] - self.epoch_start[1]
+        self.epoch_start = (totals["time"], totals["samples"])
+        world, rate = trainer.world_size, images / seconds
+        log = dict(on_step=False, on_epoch=True, rank_zero_only=True)
+        pl_module.log("train_img_per_s", world * rate, prog_bar=True, **log)
+        pl_module.log("train_images", float(world * images), **log)
+        if pl_module.flops_per_image:
+            pl_module.log("train_flop_per_s", world * rate * pl_module.flops_per_image, **log)
 
 
 class AtomicCheckpoint(ModelCheckpoint):

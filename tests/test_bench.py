@@ -9,8 +9,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from architecture import FaceNN, convnext_baseline, count_parameters
-from bench import PART_ROWS, LiveMemory, conv_backward_flops, parts
+from architecture import FaceNN, conv_backward_flops, convnext_baseline, count_parameters
+from bench import PART_ROWS, LiveMemory, parts
 
 ROOT = Path(__file__).resolve().parents[1]
 

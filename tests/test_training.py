@@ -15,6 +15,7 @@ import torch
 import predict
 import run_training
 import training
+from architecture import FaceNN, train_flops
 from cli import UserError
 from training import FaceClassifier, epoch_metrics, model_from_checkpoint, read_checkpoint, warmup_cosine
 from tests.conftest import FAST, TINY_SET
@@ -77,6 +78,40 @@ def test_training_lowers_the_loss_and_beats_chance(trained_run):
     lrs = dict(series["lr-AdamW"])  # logged at each epoch's start, counted for that epoch
     assert sorted(lrs) == list(range(8))
     assert lrs[0] == pytest.approx(3e-4) and lrs[1] == pytest.approx(3e-3)
+
+
+def test_throughput_is_logged_per_epoch_with_the_flops_of_a_step(trained_run):
+    series = epoch_metrics(trained_run / "metrics.csv")
+    net = FaceNN(TINY_SET["identities"], widths=(8, 16, 24, 32), depths=(1, 1, 1, 1))
+    size = TINY_SET["image_size"]
+    flops_per_image = train_flops(net, torch.randn(2, 3, size, size), torch.zeros(2, dtype=torch.long)) / 2
+    images, flop_rates = dict(series["train_img_per_s"]), dict(series["train_flop_per_s"])
+    assert sorted(flop_rates) == sorted(images) == list(range(8))
+    for epoch, rate in images.items():
+        assert flop_rates[epoch] / rate == pytest.approx(flops_per_image, rel=1e-5)
+    assert [v for _, v in series["train_images"]] == [TINY_SET["identities"] * TINY_SET["train_per_identity"]] * 8
+    with open(trained_run / "metrics.csv", newline="") as f:  # Lightning's rolling figures, at logging steps
+        rolling = [float(row["train/device/samples_per_sec"]) for row in csv.DictReader(f) if row["train/device/samples_per_sec"]]
+    assert rolling and all(v > 0 for v in rolling)
+
+
+def test_the_training_step_reads_nothing_back_from_its_device(monkeypatch):
+    """On a GPU, each read of a tensor's value in Python waits for the device to finish the step.
+    (Without mixup, which draws its mixing weight on the CPU: tests/test_gpu.py runs it on a GPU.)"""
+    torch.manual_seed(0)
+    module = FaceClassifier(num_classes=4, architecture=dict(widths=(8, 16, 24, 32), depths=(1, 1, 1, 1)), mixup_alpha=0)
+    batch = torch.randn(4, 3, 32, 32), torch.arange(4)
+    module.training_step(batch, 0)  # the first step counts the FLOPs of a step, on the meta device
+
+    def read(*_):
+        raise AssertionError("the training step read a tensor's value on the host")
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, read)
+    loss = module.training_step((batch[0] * float("nan"), batch[1]), 1)
+    monkeypatch.undo()
+    assert not torch.isfinite(loss)
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 0 \(epoch 0\): lower --lr"):
+        module.raise_if_diverged()
 
 
 def test_run_writes_checkpoints_log_and_curves(trained_run):

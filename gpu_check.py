@@ -1,0 +1,302 @@
+"""One command that turns a GPU at hand into measured figures, in one markdown report:
+
+    make gpu-check PYTHON=python3     # python gpu_check.py: on a GPU machine, with its own python
+    make gpu-check-dry                # python gpu_check.py --dry: the same steps, tiny, on the CPU
+
+The steps: the tests marked `cuda`; bench.py; a synthetic face set generated on the machine; then
+run_training.py once for each row of RUNS, reporting images/s over whole epochs (data loading
+included, from the run's metrics.csv), the data workers and torch.cuda.max_memory_allocated (both
+as the run prints them). A GPU is lent for minutes, so each step is a subprocess with its own time
+limit under one budget for the whole check: a step that fails or runs out of time goes into the
+report with the tail of its output, and the check goes on to the next. The report is printed, and
+rewritten after every step (docs/gpu.md), so a check stopped from outside keeps what it finished.
+It installs nothing and needs no venv: torch, torchvision, lightning, torchmetrics, matplotlib and
+pytest as the machine has them.
+"""
+
+import argparse
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from cli import ArgumentParser
+from training import epoch_metrics
+
+ROOT = Path(__file__).resolve().parent
+
+# The end-to-end runs, in the order they run: name -> run_training.py flags (the only place that
+# names data-path flags). --compile goes last: its first epoch compiles, the longest warm-up. The
+# peak-memory goal is checked on the runs with the default data path.
+RUNS = {
+    "defaults": [],
+    "CPU workers augment": ["--augment-on-device", "off"],
+    "--recompute-gelu": ["--recompute-gelu"],
+    "--compile": ["--compile"],
+}
+# What a real check runs, and the tiny stand-in of --dry. Seconds are each step's own time limit.
+# The GPU's face set: 50 batches of 256 an epoch and one dev batch of 256, so that torch.compile
+# meets one batch shape in training and one in validation.
+SETTINGS = {
+    "gpu": dict(
+        pytest=["-m", "cuda"], pytest_s=100,
+        bench=["--device", "cuda", "--batch-size", "128", "--repeats", "5", "--warmup", "2", "--no-compile"], bench_s=100,
+        faces=dict(identities=128, train_per_identity=100, dev_per_identity=2, image_size=224), faces_s=60,
+        train=["--batch-size", "256", "--epochs", "3"], run_s=75, compiled_run_s=150,
+        budget_s=390,
+    ),
+    "dry": dict(
+        pytest=["-m", "cuda"], pytest_s=60,
+        bench=["--device", "cpu", "--quick"], bench_s=90,
+        faces=dict(identities=4, train_per_identity=8, dev_per_identity=1, image_size=32), faces_s=60,
+        train=["--batch-size", "8", "--epochs", "2", "--accelerator", "cpu", "--num-workers", "0",
+               "--widths", "8,16,24,32", "--depths", "1,1,1,1"], run_s=90, compiled_run_s=90,
+        budget_s=400,
+    ),
+}
+GOAL_IMG_PER_S, GOAL_MEMORY = 5000, 12e9  # end-to-end training at 224 px, batch 256; peak memory there
+
+
+class Check:
+    """Runs the steps against one deadline and keeps the report up to date."""
+
+    def __init__(self, settings: dict, work: Path, report: Path, budget_s: float, dry: bool):
+        self.settings, self.work, self.report, self.dry = settings, work, report, dry
+        self.start = time.monotonic()
+        self.deadline = self.start + budget_s
+        self.steps: list[tuple[str, str, float]] = []  # (step, status, seconds)
+        self.sections: list[str] = []
+        self.failures: list[str] = []
+        self.header = environment(dry)
+
+    def run(self, name: str, argv: list[str], limit_s: float) -> tuple[str, str]:
+        """Runs argv (a command of this repository) as a step: returns (status, its output)."""
+        left = self.deadline - time.monotonic()
+        if left < 10:
+            self.record(name, "not run: the check's time budget was spent", 0.0, "")
+            return "not run", ""
+        log_path = self.work / "logs" / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        limit = min(limit_s, left)
+        log(f"[{self.elapsed():.0f} s] {name}: {' '.join(argv)} (limit {limit:.0f} s)")
+        started = time.monotonic()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+        with open(log_path, "w") as out:
+            # a session of its own, so that a step out of time goes with its data workers and compilers
+            process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            try:
+                code = process.wait(timeout=limit)
+                status = "ok" if code == 0 else f"failed (exit status {code})"
+            except subprocess.TimeoutExpired:
+                stop(process)
+                status = f"out of time ({limit:.0f} s)"
+        output = log_path.read_text(errors="replace")
+        self.record(name, status, time.monotonic() - started, output)
+        return status, output
+
+    def record(self, name: str, status: str, seconds: float, output: str) -> None:
+        self.steps.append((name, status, seconds))
+        log(f"[{self.elapsed():.0f} s] {name}: {status} after {seconds:.0f} s")
+        if status != "ok" and output:
+            self.failures.append(f"### {name}: {status}\n\n```text\n{tail(output)}\n```\n")
+        self.write()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def markdown(self) -> str:
+        steps = ["| step | status | seconds |", "|---|---|---:|"]
+        steps += [f"| {name} | {status} | {seconds:.0f} |" for name, status, seconds in self.steps]
+        parts = [self.header, f"Whole check: {self.elapsed():.0f} s.\n", "## Steps\n", "\n".join(steps) + "\n",
+                 *self.sections]
+        if self.failures:
+            parts += ["## What failed (the end of each output)\n", *self.failures]
+        return "\n".join(parts)
+
+    def write(self) -> None:
+        self.report.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.report.with_name(self.report.name + ".partial")
+        partial.write_text(self.markdown())
+        partial.replace(self.report)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the step's whole process group, then SIGKILL to what is left of it."""
+    for signum, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def tail(output: str, lines: int = 40) -> str:
+    """The last lines of a step's output, each progress-bar redraw its own line, long lines cut."""
+    rows = [row.rstrip() for row in re.split(r"[\r\n]+", output) if row.strip()]
+    return "\n".join(row if len(row) <= 300 else row[:300] + " ..." for row in rows[-lines:])
+
+
+def environment(dry: bool) -> str:
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = (f"{torch.cuda.device_count()} x {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA "
+                  f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+    else:
+        device = "no GPU"
+    title = "# GPU check (dry run on the CPU: tiny sizes, figures mean nothing)" if dry else "# GPU check"
+    return (f"{title}\n\n`{' '.join(['python', *sys.argv])}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+            f"- device: {device}\n- CPU: {os.cpu_count()} cores, {platform.machine()}, python {platform.python_version()}\n"
+            f"- torch {torch.__version__}, torchvision {installed('torchvision')}, lightning {installed('lightning')}, "
+            f"torchmetrics {installed('torchmetrics')}\n")
+
+
+# -----------------------------------------------------------------------------
+# the steps
+
+def cuda_tests(check: Check) -> None:
+    # without the repository's addopts: a GPU machine has no nbmake
+    argv = ["-m", "pytest", "-o", "addopts=", *check.settings["pytest"], "-q", "-rfEs", "-p", "no:cacheprovider", "tests"]
+    status, output = check.run("pytest -m cuda", argv, check.settings["pytest_s"])
+    summary = [row for row in output.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", row)]
+    outcome = summary[-1].strip("= ") if summary else status
+    check.sections.append(f"## Tests marked cuda\n\n`pytest -m cuda tests`: {outcome}\n")
+
+
+def bench(check: Check) -> None:
+    argv = ["bench.py", *check.settings["bench"]]
+    status, output = check.run("bench.py", argv, check.settings["bench_s"])
+    if status == "ok":
+        report = output[output.index("bench.py: "):] if "bench.py: " in output else output
+        check.sections.append(f"## bench.py\n\n`python {' '.join(argv)}`\n\n{report.strip()}\n")
+
+
+def synthetic_faces(check: Check) -> Path | None:
+    data = check.work / "faces"
+    faces = check.settings["faces"]
+    argv = ["synthetic_faces.py", "--out", str(data), "--test-per-identity", "0",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in faces.items()]]
+    status, _ = check.run("synthetic faces", argv, check.settings["faces_s"])
+    return data if status == "ok" else None
+
+
+def training_runs(check: Check, data: Path | None) -> None:
+    rows = []
+    for name, flags in RUNS.items():
+        if check.dry and "--compile" in flags:  # inductor would compile for minutes on a small CPU
+            flags = [flag for flag in flags if flag != "--compile"]
+            name += " (dry: without --compile)"
+        if data is None:
+            check.record(f"train: {name}", "not run: no data set", 0.0, "")
+            continue
+        out = check.work / "runs" / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+        argv = ["run_training.py", "--data-dir", str(data), "--out", str(out), "--overwrite", "--wandb", "off",
+                "--warmup-epochs", "1", *check.settings["train"], *flags]
+        limit = check.settings["compiled_run_s" if "--compile" in flags else "run_s"]
+        status, output = check.run(f"train: {name}", argv, limit)
+        rows.append(run_row(name, flags, status, output, out / "metrics.csv"))
+    headline = check.settings["train"]
+    faces = check.settings["faces"]
+    check.sections.append(
+        f"## End-to-end training\n\nrun_training.py on {faces['identities'] * faces['train_per_identity']:,} synthetic "
+        f"{faces['image_size']} px faces ({faces['identities']} identities), `{' '.join(headline)}`, its default "
+        "precision (16-mixed on a GPU), data path (`--augment-on-device auto`: decoded and augmented on a GPU) and data "
+        "workers. img/s and FLOP/s over whole epochs (train_img_per_s and "
+        "train_flop_per_s of metrics.csv, data loading included, validation not); the first epoch holds the warm-up "
+        "(cuDNN's kernel search, torch.compile).\n\n"
+        "| run | flags | data workers | img/s, first epoch | img/s, later epochs | TFLOP/s, later epochs "
+        "| peak memory GB | status |\n|---|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(row["line"] for row in rows) + "\n")
+    check.sections.append(goals(rows))
+
+
+def run_row(name: str, flags: list[str], status: str, output: str, metrics_csv: Path) -> dict:
+    """One row of the end-to-end table, from the run's metrics.csv and what it printed."""
+    workers = re.search(r"\| (\d+) data workers per device", output)
+    memory = re.search(r"peak GPU memory \(torch.cuda.max_memory_allocated\): ([0-9.]+) GB", output)
+    row = dict(name=name, flags=flags, later=None, memory=float(memory.group(1)) * 1e9 if memory else None)
+    first = later = flops = "-"
+    if metrics_csv.is_file():
+        series = epoch_metrics(metrics_csv)
+        images, rates = dict(series.get("train_images", [])), dict(series.get("train_img_per_s", []))
+        flop_rates = dict(series.get("train_flop_per_s", []))
+        if 0 in rates:
+            first = f"{rates[0]:,.0f}"
+        steady = [epoch for epoch in rates if epoch > 0 and epoch in images]
+        if steady:  # all images over all seconds of the epochs after the first
+            seconds = sum(images[epoch] / rates[epoch] for epoch in steady)
+            row["later"] = sum(images[epoch] for epoch in steady) / seconds
+            later = f"{row['later']:,.0f}"
+            if all(epoch in flop_rates for epoch in steady):
+                flops = f"{sum(images[e] / rates[e] * flop_rates[e] for e in steady) / seconds / 1e12:.1f}"
+    cells = [name, f"`{' '.join(flags)}`" if flags else "(defaults)", workers.group(1) if workers else "-", first,
+             later, flops, f"{row['memory'] / 1e9:.2f}" if row["memory"] else "-", status]
+    row["line"] = "| " + " | ".join(cells) + " |"
+    return row
+
+
+def goals(rows: list[dict]) -> str:
+    """The issue's goals against what the runs measured."""
+    lines = ["## Goals\n", "| goal | measured | |", "|---|---|---|"]
+    fastest = max((row for row in rows if row["later"]), key=lambda row: row["later"], default=None)
+    if fastest:
+        lines.append(f"| end-to-end training >= {GOAL_IMG_PER_S:,} img/s | {fastest['later']:,.0f} img/s "
+                     f"({fastest['name']}) | {'met' if fastest['later'] >= GOAL_IMG_PER_S else 'NOT met'} |")
+    for row in rows:
+        if set(row["flags"]) <= {"--recompute-gelu"} and row["memory"]:
+            lines.append(f"| peak memory <= {GOAL_MEMORY / 1e9:.0f} GB ({row['name']}) | {row['memory'] / 1e9:.2f} GB "
+                         f"| {'met' if row['memory'] <= GOAL_MEMORY else 'NOT met'} |")
+    lines.append("| FaceNN train img/s >= torchvision ConvNeXt's | see bench.py's `target:` lines | |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry", action="store_true", help="the same steps at tiny sizes on the CPU (the cuda tests skip themselves)")
+    parser.add_argument("--work", type=Path, help="data, runs and logs (default: gpu_check/ or gpu_check_dry/ under the system's temp dir)")
+    parser.add_argument("--report", type=Path, help="the markdown report (default: docs/gpu.md; with --dry, WORK/gpu.md)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole check (default: 390, or 400 with --dry)")
+    args = parser.parse_args(argv)
+    if not args.dry and not torch.cuda.is_available():
+        parser.error("no GPU visible: run it on a GPU machine, or try the script with --dry")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = SETTINGS["dry" if args.dry else "gpu"]
+    work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / ("gpu_check_dry" if args.dry else "gpu_check")
+    report = args.report or (work / "gpu.md" if args.dry else ROOT / "docs" / "gpu.md")
+    check = Check(settings, work, report, args.budget or settings["budget_s"], args.dry)
+    cuda_tests(check)
+    bench(check)
+    training_runs(check, synthetic_faces(check))
+    check.write()
+    print(check.markdown())
+    log(f"report: {report}")
+    return 0 if all(status == "ok" for _, status, _ in check.steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
