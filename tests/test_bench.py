@@ -1,8 +1,5 @@
-"""bench.py: the quick run prints its table, FLOPs of grouped convolutions, the memory tracer."""
-
-import subprocess
-import sys
-from pathlib import Path
+"""bench.py: what the quick run prints (the dry GPU check runs it), FLOPs of grouped convolutions,
+the memory tracer."""
 
 import torch
 from torch import nn
@@ -10,20 +7,19 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from architecture import FaceNN, conv_backward_flops, convnext_baseline, count_parameters
-from bench import PART_ROWS, LiveMemory, parts
+from bench import PART_ROWS, parts
+from memory import LiveMemory
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def test_quick_run_prints_the_table_and_the_targets():
-    run = subprocess.run([sys.executable, "bench.py", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
-    assert "| model | layout | compile | train img/s | x ref |" in run.stdout
+def check_quick_run(output: str) -> None:
+    """What `python bench.py --quick` prints: the table, the parts, the data path, memory and the
+    targets. The dry GPU check runs it (tests/test_gpu_check.py), so the suite runs it once."""
+    lines = output.splitlines()
+    assert "| model | layout | compile | train img/s | x ref |" in output
     for model in ("FaceNN", "ConvNeXt"):
         for layout in ("NCHW", "channels_last"):
             assert any(line.startswith(f"| {model} | {layout} | eager | ") for line in lines), (model, layout)
-    assert "| ConvNeXt | NCHW | eager | " in run.stdout and " | 1.00 | " in run.stdout  # the reference
+    assert "| ConvNeXt | NCHW | eager | " in output and " | 1.00 | " in output  # the reference
     for kind in ("the original's PIL decode + augment", "decode + augment", "decode only", "read bytes"):
         assert any(line.startswith(f"| {kind}") and "| per CPU worker |" in line for line in lines), kind
     for kind in ("decode", "augment", "decode + augment"):

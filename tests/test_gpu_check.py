@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import gpu_check
+from tests.test_bench import check_quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,7 @@ def test_the_dry_check_runs_every_step_and_reports_each_run(tmp_path):
     assert steps == dict.fromkeys(["pytest -m cuda", "bench.py", "synthetic faces", *runs], "ok")
     assert re.search(r"`pytest -m cuda tests`: \d+ skipped", report)  # no GPU here
     assert "| FaceNN | channels_last | eager | " in report  # bench.py's table
+    check_quick_run((tmp_path / "logs" / "bench_py.log").read_text())
     for name in gpu_check.RUNS:
         row = next(line for line in report.splitlines() if line.startswith(f"| {name}"))
         workers, first, later = row.split(" | ")[2:5]
