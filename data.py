@@ -30,6 +30,7 @@ from cli import ArgumentParser, UserError, at_least
 
 KAGGLE_MEAN = (0.5103, 0.4014, 0.3509)
 KAGGLE_STD = (0.2708, 0.2363, 0.2226)
+NO_MATCH = "n000000"  # the sibling verification task's label for an unknown face matching no known identity
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 # What load_image raises for a file it cannot decode: OSError covers a missing file, PIL's
 # UnidentifiedImageError (not an image, zero bytes) and truncated data; PIL's plugins raise

@@ -1,16 +1,20 @@
 """Inference from a run_training.py checkpoint: a Kaggle submission, accuracy on labelled images,
-embeddings, and face verification by cosine similarity.
+embeddings, face verification by cosine similarity, and open-set identification against known faces.
 
     python predict.py submit --checkpoint checkpoint/best.ckpt --test-dir data/test --out submission.csv
     python predict.py evaluate --checkpoint checkpoint/best.ckpt --data-dir data/dev
     python predict.py evaluate --submission submission.csv --labels data/test_labels.csv --checkpoint CKPT
     python predict.py embed --checkpoint CKPT --images data/verification --out emb.npy
-    python predict.py verify --checkpoint CKPT --pairs data/verification_pairs.csv --images data/verification --roc roc.png
+    python predict.py verify --checkpoint CKPT --pairs V/verification_pairs.csv --images V/known --roc roc.png
+    python predict.py identify --checkpoint CKPT --known V/known --unknown V/unknown_test --out verification.csv \
+        --calibrate V/unknown_dev --labels V/verification_dev.csv
 
 The checkpoint alone rebuilds the model (architecture, image size, normalisation, class names), so
 none of these needs the training data. A submission's label is the class index the model was
 trained with (the identity folder's position in sorted order); --label-names writes the folder
-name instead. Every output is written beside its target and renamed into place, so a failed or
+name instead. `identify` writes the sibling Kaggle task's submission (11-785-f23-hw2p2-verification):
+each unknown image's known identity, or n000000 when it matches none well enough; see
+docs/verification.md. Every output is written beside its target and renamed into place, so a failed or
 interrupted run leaves an earlier file as it was.
 """
 
@@ -22,13 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import multiclass_accuracy
+from torchmetrics.functional.classification import (binary_auroc, binary_roc, binary_sensitivity_at_specificity,
+                                                    multiclass_accuracy)
 from tqdm import tqdm
 
-from cli import ArgumentParser, at_least, check_outputs, keep_freed_memory, run
-from data import DEFAULT_WORKERS, DataError, FaceFolder, TestImages, collate_same_size, eval_transform, identity_folders
+from cli import ArgumentParser, at_least, check_outputs, finite_float, keep_freed_memory, run
+from data import (DEFAULT_WORKERS, NO_MATCH, DataError, FaceFolder, TestImages, collate_same_size, eval_transform,
+                  identity_folders)
 from training import FaceClassifier, load_model, read_checkpoint
+
+FALSE_ACCEPT_RATES = (1e-3, 1e-2)  # where face verification papers quote the true accept rate
 
 
 # -----------------------------------------------------------------------------
@@ -41,8 +50,9 @@ def model_transform(model: FaceClassifier):
 
 def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_workers=DEFAULT_WORKERS, desc="inference"):
     """The logits (or with embed=True, the L2-normalised embeddings) of every (image, key) of
-    `dataset` in order, batched on the model's device, fp16 on CUDA. tta averages the logits of
-    each image and its mirror image. Returns (float32 outputs, keys, images per second)."""
+    `dataset` in order, batched on the model's device, fp16 on CUDA. tta averages the outputs of
+    each image and its mirror image (embeddings normalised again after). Returns (float32 outputs,
+    keys, images per second)."""
     device = model.device
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda", collate_fn=collate_same_size)
@@ -56,19 +66,45 @@ def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_worker
             output = forward(images)
             if tta:
                 output = (output + forward(images.flip(-1))) / 2
-            outputs.append(output.float().cpu())
+            output = output.float()
+            outputs.append((F.normalize(output, dim=1) if embed and tta else output).cpu())
             keys += batch_keys.tolist() if torch.is_tensor(batch_keys) else batch_keys
             bar.update(len(images))
     return torch.cat(outputs), keys, len(keys) / (time.perf_counter() - start)
 
 
-def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, names_out=None):
+def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, names_out=None, tta=False):
     """(embeddings, file names, images per second) of every image under images_dir, sorted by name;
     `names_out`, the file the names are to go to, one a line (checked before the work)."""
     images = TestImages(images_dir, model_transform(model))
     if names_out is not None:
         check_text([path.name for path in images.paths], names_out, lines=True)
-    return run_model(model, images, embed=True, batch_size=batch_size, num_workers=num_workers, desc="embedding")
+    return run_model(model, images, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="embedding")
+
+
+def identity_templates(model, known_dir, batch_size=256, num_workers=DEFAULT_WORKERS, tta=False):
+    """(identity names, one unit embedding per identity) of known_dir/<identity>/*.jpg: the mean of
+    its images' embeddings, normalised. One template per identity rather than its best-matching
+    image: a single odd photo (profile, blur) of another person then cannot outscore the right one,
+    and each unknown image costs one comparison per identity."""
+    names = identity_folders(Path(known_dir))
+    if NO_MATCH in names:
+        raise DataError(f"{Path(known_dir) / NO_MATCH}: {NO_MATCH} means 'none of the known' (expected other identity names)")
+    images = FaceFolder(known_dir, names, model_transform(model))
+    if empty := sorted(set(names) - {names[label] for _, label in images.samples}):
+        raise DataError(f"{Path(known_dir) / empty[0]}: no images ({len(empty)} such; expected <identity>/*.jpg)")
+    embeddings, labels, _ = run_model(model, images, embed=True, tta=tta, batch_size=batch_size,
+                                      num_workers=num_workers, desc="embedding known")
+    sums = torch.zeros(len(names), embeddings.shape[1]).index_add_(0, torch.tensor(labels), embeddings)
+    return names, F.normalize(sums, dim=1)
+
+
+def best_matches(embeddings, templates) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine similarity, index) of the closest template to each embedding."""
+    scores, indices = (embeddings @ templates.T).max(dim=1)
+    return scores.double().numpy(), indices.numpy()  # float64: a threshold between float32 scores stays between
+
+
 
 
 # -----------------------------------------------------------------------------
@@ -132,6 +168,19 @@ def read_labels(path) -> dict[str, str]:
     return labels
 
 
+def read_submission(submission, labels) -> tuple[dict[str, str], dict[str, str]]:
+    """(truth, predicted) id -> label, once the submission has a row for every id of the truth and no other."""
+    truth, predicted = read_labels(labels), read_labels(submission)
+    missing, extra = sorted(truth.keys() - predicted.keys()), sorted(predicted.keys() - truth.keys())
+    if missing:
+        raise DataError(f"{submission}: no row for {len(missing)} ids of {labels}, e.g. {missing[0]} (expected one per image)")
+    if extra:
+        raise DataError(f"{submission}: {len(extra)} ids not in {labels}, e.g. {extra[0]} (expected the same ids)")
+    if not truth:
+        raise DataError(f"{labels}: no rows (expected id,label for every test image)")
+    return truth, predicted
+
+
 # -----------------------------------------------------------------------------
 # the commands
 
@@ -175,14 +224,7 @@ def score_submission(submission, labels, checkpoint=None, label_names=False) -> 
     submission's labels are class indices, which the checkpoint's class names map (what `submit`
     writes), or with label_names=True identity names (`submit --label-names`): decided once for the
     whole file, never guessed from the values (identity folders may be numbers)."""
-    truth, predicted = read_labels(labels), read_labels(submission)
-    missing, extra = sorted(truth.keys() - predicted.keys()), sorted(predicted.keys() - truth.keys())
-    if missing:
-        raise DataError(f"{submission}: no row for {len(missing)} ids of {labels}, e.g. {missing[0]} (expected one per image)")
-    if extra:
-        raise DataError(f"{submission}: {len(extra)} ids not in {labels}, e.g. {extra[0]} (expected the same ids)")
-    if not truth:
-        raise DataError(f"{labels}: no rows (expected id,label for every test image)")
+    truth, predicted = read_submission(submission, labels)
     names = read_checkpoint(checkpoint)["class_names"] if checkpoint else None
     if names:
         unknown = sorted(set(truth.values()) - set(names))
@@ -201,6 +243,17 @@ def score_submission(submission, labels, checkpoint=None, label_names=False) -> 
     return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth))
 
 
+def score_identification(submission, labels) -> dict:
+    """Open-set accuracy of an identification submission (labels are identity names, NO_MATCH for
+    none of the known), and how often it said NO_MATCH of the unknown faces and of the known ones."""
+    truth, predicted = read_submission(submission, labels)
+    unknown = {key for key, label in truth.items() if label == NO_MATCH}
+    said_unknown = {key for key, label in predicted.items() if label == NO_MATCH}
+    correct = sum(predicted[key] == label for key, label in truth.items())
+    return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth), unknown=len(unknown),
+                unknown_said_unknown=len(unknown & said_unknown), known_said_unknown=len(said_unknown - unknown))
+
+
 def embed(checkpoint, images, out, batch_size=256, num_workers=DEFAULT_WORKERS, device="auto") -> dict:
     """Writes the (N, D) float32 embeddings of the images (unit rows) to `out` (.npy), and their
     file names, one a line in row order, beside it as .txt."""
@@ -215,30 +268,43 @@ def embed(checkpoint, images, out, batch_size=256, num_workers=DEFAULT_WORKERS, 
     return dict(shape=tuple(embeddings.shape), names=names_out)
 
 
-def roc_curve(scores, same):
-    """(false positive rates, true positive rates, thresholds) of `score >= threshold` calling a
-    pair the same person, one point per distinct score from the highest down, after (0, 0)."""
-    scores, same = np.asarray(scores, dtype=float), np.asarray(same, dtype=bool)
-    order = np.argsort(-scores, kind="stable")
-    scores, same = scores[order], same[order]
-    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # the last pair at each distinct score
-    tpr = np.r_[0, np.cumsum(same)[last]] / same.sum()
-    fpr = np.r_[0, np.cumsum(~same)[last]] / (~same).sum()
-    return fpr, tpr, np.r_[np.inf, scores[last]]
-
-
 def verification_metrics(scores, same) -> dict:
-    """ROC AUC, equal error rate (where false accepts = false rejects, on the ROC's straight
-    pieces), and the best accuracy over thresholds with its threshold; `same` holds both kinds."""
+    """ROC (torchmetrics) AUC, equal error rate (where false accepts = false rejects, on the ROC's
+    straight pieces), the true accept rate at each of FALSE_ACCEPT_RATES, and the best accuracy over
+    thresholds with its threshold; `same` holds both kinds."""
     same = np.asarray(same, dtype=bool)
-    fpr, tpr, thresholds = roc_curve(scores, same)
+    target = torch.as_tensor(same, dtype=torch.long)
+    # torchmetrics takes probabilities: the sigmoid keeps the cosines' order and ties, logit undoes it
+    preds = torch.as_tensor(np.asarray(scores, dtype=np.float64)).sigmoid()
+    fpr, tpr, thresholds = binary_roc(preds, target)
+    fpr, tpr, thresholds = fpr.numpy(), tpr.numpy(), thresholds.logit().numpy()
     gap = (1 - tpr) - fpr  # false rejects minus false accepts: falls from 1 to -1
     i = np.flatnonzero(gap <= 0)[0]
     eer = fpr[i - 1] + gap[i - 1] / (gap[i - 1] - gap[i]) * (fpr[i] - fpr[i - 1])
     correct = tpr * same.sum() + (1 - fpr) * (~same).sum()
     best = correct.argmax()
-    return dict(auc=float(np.trapezoid(tpr, fpr)), eer=float(eer), accuracy=float(correct[best] / len(same)),
-                threshold=float(thresholds[best]), fpr=fpr, tpr=tpr)
+    tar = {far: binary_sensitivity_at_specificity(preds, target, min_specificity=1 - far)[0].item()
+           for far in FALSE_ACCEPT_RATES}
+    return dict(auc=binary_auroc(preds, target).item(), eer=float(eer), tar_at_far=tar,
+                accuracy=float(correct[best] / len(same)), threshold=float(thresholds[best]),
+                fpr=fpr, tpr=tpr)
+
+
+def calibrate_threshold(scores, matches, truth) -> tuple[float, float]:
+    """(threshold, accuracy): the similarity threshold under which an image is called NO_MATCH that
+    makes the most of `matches` (each image's closest identity) right against `truth`. Cuts fall
+    midway between neighbouring distinct scores (or the cosine's bound, -1 or 1); among equally good
+    cuts, the highest."""
+    scores, matches, truth = np.asarray(scores, dtype=float), np.asarray(matches), np.asarray(truth)
+    order = np.argsort(-scores, kind="stable")
+    scores, hit, unknown = scores[order], (matches == truth)[order], (truth == NO_MATCH)[order]
+    # accepting the j best-scoring images (j = 0..n): the accepted hits, and the rejected unknowns
+    correct = np.r_[0, np.cumsum(hit)] + np.r_[np.cumsum(unknown[::-1])[::-1], 0]
+    cuts = np.flatnonzero(np.r_[True, scores[:-1] > scores[1:], True])  # never between equal scores
+    j = cuts[correct[cuts].argmax()]
+    bounds = np.r_[max(1.0, np.nextafter(scores[0], np.inf)), scores, min(-1.0, scores[-1])]  # cosines lie in [-1, 1]
+    threshold = (bounds[j] + bounds[j + 1]) / 2  # between the lowest accepted score and the highest rejected one
+    return float(threshold), float(correct[j] / len(scores))
 
 
 def plot_roc(metrics: dict, out_png: Path) -> None:
@@ -252,7 +318,7 @@ def plot_roc(metrics: dict, out_png: Path) -> None:
     ax.plot(metrics["fpr"], metrics["tpr"], label=f"ROC, AUC {metrics['auc']:.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
     ax.plot(metrics["eer"], 1 - metrics["eer"], "o", label=f"EER {metrics['eer']:.3f}")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="face verification", xlim=(0, 1), ylim=(0, 1))
+    ax.set(xlabel="false accept rate", ylabel="true accept rate", title="face verification", xlim=(0, 1), ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -295,6 +361,41 @@ def verify(checkpoint, pairs, images, out=None, roc=None, batch_size=256, num_wo
     return result
 
 
+def identify(checkpoint, known, unknown, out, threshold=None, calibrate=None, labels=None, tta=False,
+             batch_size=256, num_workers=DEFAULT_WORKERS, device="auto") -> dict:
+    """Writes the verification task's submission (id,label for every image of `unknown`, ids
+    sorted): the closest identity of `known` by cosine similarity to its template
+    (identity_templates), or NO_MATCH when that similarity is under `threshold`. With `calibrate`
+    (a dev folder) and `labels` (its truth) the threshold is instead the one best on that folder."""
+    out = Path(out)
+    check_outputs({"--out": out}, {"--checkpoint": checkpoint, "--known": known, "--unknown": unknown,
+                                   "--calibrate": calibrate, "--labels": labels})
+    if (threshold is None) == (calibrate is None) or (calibrate is None) != (labels is None):
+        raise ValueError("identify takes a threshold, or calibrate and labels")
+    model = load_model(checkpoint, device)
+    loading = dict(batch_size=batch_size, num_workers=num_workers, tta=tta)
+    names, templates = identity_templates(model, known, **loading)
+    result = {}
+    if calibrate is not None:
+        truth = read_labels(labels)
+        embeddings, ids, _ = embed_images(model, calibrate, **loading)
+        if sorted(truth) != ids:
+            raise DataError(f"{labels}: its ids are not the images of {calibrate} (expected one row per image)")
+        if strangers := sorted(set(truth.values()) - set(names) - {NO_MATCH}):
+            raise DataError(f"{labels}: identity {strangers[0]} is not in {known} ({len(strangers)} such; "
+                            f"expected identities of {known} or {NO_MATCH})")
+        scores, indices = best_matches(embeddings, templates)
+        threshold, accuracy = calibrate_threshold(scores, [names[i] for i in indices], [truth[key] for key in ids])
+        result.update(dev_images=len(ids), dev_accuracy=accuracy)
+    embeddings, ids, rate = embed_images(model, unknown, **loading)
+    scores, indices = best_matches(embeddings, templates)
+    predicted = [names[i] if score >= threshold else NO_MATCH for score, i in zip(scores, indices)]
+    check_text(ids + names, out)
+    write_csv(out, [("id", "label"), *zip(ids, predicted)])
+    return dict(result, rows=len(ids), identities=len(names), threshold=threshold,
+                said_unknown=predicted.count(NO_MATCH), img_per_s=rate)
+
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -322,6 +423,9 @@ def parse_args(argv=None):
     p.add_argument("--labels", type=Path, help="ground truth CSV id,label with identity names")
     p.add_argument("--label-names", action="store_true",
                    help="the submission's labels are identity names (submit --label-names), not class indices")
+    p.add_argument("--open-set", action="store_true",
+                   help=f"the submission is identify's: identity names, {NO_MATCH} for none of the known; "
+                        f"also counts the faces said {NO_MATCH}")
     p.add_argument("--checkpoint", **checkpoint)
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
 
@@ -330,18 +434,39 @@ def parse_args(argv=None):
     p.add_argument("--images", type=Path, required=True, help="images, flat or in subfolders")
     p.add_argument("--out", type=Path, required=True, help="the .npy; file names go beside it as .txt")
 
-    p = commands.add_parser("verify", parents=[model], help="cosine similarity of image pairs, ROC AUC and EER")
+    p = commands.add_parser("verify", parents=[model], help="cosine similarity of image pairs; ROC AUC, EER, TAR@FAR")
     p.add_argument("--checkpoint", required=True, **checkpoint)
     p.add_argument("--pairs", type=Path, required=True, help="CSV img1,img2[,same] of file names in --images")
     p.add_argument("--images", type=Path, required=True, help="the images the pairs name")
     p.add_argument("--out", type=Path, help="CSV of the scores")
     p.add_argument("--roc", type=Path, help="PNG of the ROC curve")
 
+    p = commands.add_parser("identify", parents=[model],
+                            help=f"map unknown faces to known identities or {NO_MATCH} (Kaggle's verification task)",
+                            description="Each image of --unknown gets the identity of --known whose mean embedding "
+                            f"is closest by cosine similarity, or {NO_MATCH} when that similarity is under the "
+                            "threshold. Writes id,label for every image.")
+    p.add_argument("--checkpoint", required=True, **checkpoint)
+    p.add_argument("--known", type=Path, required=True, help="the known faces, <identity>/*.jpg")
+    p.add_argument("--unknown", type=Path, required=True, help="the images to identify (e.g. unknown_test)")
+    p.add_argument("--out", type=Path, default=Path("verification_submission.csv"), help="the submission CSV")
+    cut = p.add_mutually_exclusive_group(required=True)
+    cut.add_argument("--threshold", type=finite_float, help=f"cosine similarity under which a face is {NO_MATCH}")
+    cut.add_argument("--calibrate", type=Path, help="labelled images (e.g. unknown_dev) to choose the threshold on; "
+                     "prints it and the accuracy there (needs --labels)")
+    p.add_argument("--labels", type=Path, help="truth of --calibrate, CSV id,label (e.g. verification_dev.csv)")
+    p.add_argument("--tta", action="store_true", help="average the embeddings of each image and its mirror image")
+
+
     args = parser.parse_args(argv)
     if args.command == "evaluate" and args.data_dir and not args.checkpoint:
         parser.error("evaluate --data-dir needs --checkpoint")
     if args.command == "evaluate" and args.submission and not args.labels:
         parser.error("evaluate --submission needs --labels")
+    if args.command == "evaluate" and args.open_set and (args.data_dir or args.checkpoint or args.label_names):
+        parser.error("evaluate --open-set scores an identify submission by name: --submission and --labels only")
+    if args.command == "identify" and (args.calibrate is None) != (args.labels is None):
+        parser.error("identify --calibrate and --labels go together")
     return args
 
 
@@ -359,21 +484,35 @@ def main(argv=None) -> int:
     elif args.command == "evaluate" and args.data_dir:
         result = evaluate(args.checkpoint, args.data_dir, tta=args.tta, **loading)
         print(f"{args.data_dir}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on {result['images']} images")
+    elif args.command == "evaluate" and args.open_set:
+        result = score_identification(args.submission, args.labels)
+        print(f"{args.submission}: open-set accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']}); "
+              f"said {NO_MATCH} of {result['unknown_said_unknown']}/{result['unknown']} unknown faces "
+              f"and of {result['known_said_unknown']}/{result['rows'] - result['unknown']} known ones")
     elif args.command == "evaluate":
         result = score_submission(args.submission, args.labels, args.checkpoint, args.label_names)
         print(f"{args.submission}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']})")
     elif args.command == "embed":
         result = embed(args.checkpoint, args.images, args.out, **loading)
         print(f"wrote {result['shape'][0]} x {result['shape'][1]} embeddings to {args.out}, file names to {result['names']}")
-    else:
+    elif args.command == "verify":
         result = verify(args.checkpoint, args.pairs, args.images, args.out, args.roc, **loading)
         if args.out:
             print(f"wrote {result['pairs']} scores to {args.out}")
         if "auc" in result:
-            print(f"{result['pairs']} pairs: ROC AUC {result['auc']:.4f}, EER {result['eer']:.4f}, "
+            tar = ", ".join(f"TAR@FAR={far:g} {rate:.4f}" for far, rate in result["tar_at_far"].items())
+            print(f"{result['pairs']} pairs: ROC AUC {result['auc']:.4f}, EER {result['eer']:.4f}, {tar}, "
                   f"accuracy {result['accuracy']:.4f} at cosine >= {result['threshold']:.4f}")
         if args.roc:
             print(f"ROC curve: {args.roc}")
+    else:
+        result = identify(args.checkpoint, args.known, args.unknown, args.out, args.threshold, args.calibrate,
+                          args.labels, tta=args.tta, **loading)
+        if args.calibrate:
+            print(f"calibrated on {args.calibrate}: threshold {result['threshold']:.6f}, "
+                  f"open-set accuracy {result['dev_accuracy']:.4f} on {result['dev_images']} images")
+        print(f"wrote {result['rows']} rows to {args.out}: {result['rows'] - result['said_unknown']} matched to "
+              f"{result['identities']} known identities, {result['said_unknown']} {NO_MATCH}")
     return 0
 
 

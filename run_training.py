@@ -4,6 +4,7 @@
     python run_training.py --full                 # the seed's final run: train+dev, no validation
     python run_training.py --resume               # continue checkpoint/last.ckpt
     python run_training.py --demo                 # synthetic faces, CPU, a few minutes
+    python run_training.py --loss arcface --init-from checkpoint/best.ckpt --epochs 10 --out checkpoint/arcface
 
 Writes into --out: last.ckpt, best.ckpt (best dev accuracy), metrics.csv, curves.png and, with
 --wandb, an offline or online wandb run.
@@ -27,11 +28,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS, count_parameters
-from cli import ArgumentParser, UserError, at_least, finite_float, folder_lock, keep_freed_memory, pick_device, run
+from cli import (ArgumentParser, UserError, at_least, finite_float, folder_lock, keep_freed_memory, overlaps, pick_device,
+                 run)
 from data import AUTO_AUGMENT, KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from residual_blocks import ConvNeXtBlock
-from training import (BACKBONES, AtomicCheckpoint, EpochSeed, FaceClassifier, ResumableCSVLogger, ThroughputMonitor,
-                      default_warmup, model_from_checkpoint, plot_curves, read_checkpoint, warmup_cosine_lr)
+from training import (BACKBONES, MARGINS, AtomicCheckpoint, EpochSeed, FaceClassifier, ResumableCSVLogger,
+                      ThroughputMonitor, default_warmup, model_from_checkpoint, plot_curves, read_checkpoint,
+                      warmup_cosine_lr)
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
 # The flags whose values a checkpoint keeps, and where: a resumed run takes them from there, and
@@ -39,7 +42,7 @@ RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init
 RUN_SETTINGS = {
     **{flag: ("model", flag) for flag in (
         "backbone", "image_size", "mean", "std", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "mixup_alpha",
-        "cutmix_alpha")},
+        "loss", "margin", "scale", "cutmix_alpha")},
     "ema": ("model", "ema_decay"),
     **{flag: ("architecture", flag) for flag in ("stem", "head_layers", "widths", "depths", "drop_path")},
     **{flag: ("data", flag) for flag in ("batch_size", "subset_classes", "full", "seed", "auto_augment", "random_erasing")},
@@ -54,7 +57,7 @@ KAGGLE_HELP = (
 # The demo: a synthetic face set small enough to learn on two CPU cores in a few minutes.
 DEMO_DATA = dict(
     identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10, image_size=64,
-    verification_identities=10, pairs=300,
+    verification_identities=40, pairs=3000, unknown_per_identity=4,
 )
 LOG_EVERY_N_STEPS = 10
 DEMO_ARGS = dict(
@@ -96,6 +99,21 @@ def parse_args(argv=None):
     bare = parser()  # the same flags, all defaulting to `unset`: the others the command line gave
     bare.set_defaults(**dict.fromkeys(vars(args), unset))
     args.given = {flag for flag, value in vars(bare.parse_args(argv)).items() if value is not unset}
+    if args.loss != "ce":  # the papers' recipe: neither mixup (refused) nor label smoothing, unless given
+        if "mixup_alpha" in args.given and args.mixup_alpha:
+            p.error(f"--mixup-alpha {args.mixup_alpha} with --loss {args.loss}: mixup mixes two classes, the margin "
+                    "needs one true class (leave mixup out)")
+        args.mixup_alpha = 0.0
+        if args.cutmix_alpha:
+            p.error(f"--cutmix-alpha {args.cutmix_alpha} with --loss {args.loss}: CutMix mixes two classes, the margin "
+                    "needs one true class (leave CutMix out)")
+        args.label_smoothing = args.label_smoothing if "label_smoothing" in args.given else 0.0
+    elif args.margin is not None:
+        p.error("--margin is for --loss arcface or cosface")
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run from a checkpoint's weights, --resume continues one: pick one")
+    if args.init_from and overlaps(args.init_from, args.out):
+        p.error(f"--init-from {args.init_from} lies in --out {args.out}, whose run this one replaces: give another --out")
     return args
 
 
@@ -109,16 +127,29 @@ def parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=at_least(1), default=256, help="per device")
     p.add_argument("--lr", type=at_least(1e-12, float), default=RECIPE["lr"], help="peak learning rate")
     p.add_argument("--weight-decay", type=at_least(0.0, float), default=RECIPE["weight_decay"])
-    p.add_argument("--label-smoothing", type=at_least(0.0, float), default=RECIPE["label_smoothing"])
-    p.add_argument("--mixup-alpha", type=at_least(0.0, float), default=RECIPE["mixup_alpha"], help="0 turns mixup off")
-    regularisers = p.add_argument_group("regularisers beyond the seed's recipe (all off by default)")
+    p.add_argument("--label-smoothing", type=at_least(0.0, float), default=RECIPE["label_smoothing"],
+                   help="with a margin loss 0 unless given, as in its paper")
+    p.add_argument("--mixup-alpha", type=at_least(0.0, float), default=RECIPE["mixup_alpha"],
+                   help="0 turns mixup off (as a margin loss does: it refuses mixup)")
+    p.add_argument("--loss", choices=("ce", *MARGINS), default="ce",
+                   help="ce: cross-entropy on the head's logits; arcface/cosface: a margin loss on the normalised "
+                        "embedding (best as fine-tuning: --init-from a ce checkpoint)")
+    p.add_argument("--margin", type=at_least(0.0, float),
+                   help="of --loss arcface (an angle, radians) or cosface (a cosine); default the paper's: "
+                        + ", ".join(f"{loss} {m}" for loss, m in MARGINS.items()))
+    p.add_argument("--scale", type=at_least(1e-3, float), default=RECIPE["scale"], help="of a margin loss's cosine logits")
+    p.add_argument("--init-from", type=Path, metavar="CKPT",
+                   help="start from this checkpoint's weights (same identities and architecture flags), with a new "
+                        "optimiser and schedule; a head of another --loss starts fresh")
+    regularisers = p.add_argument_group("regularisers beyond the original's recipe (all off by default)")
     regularisers.add_argument("--ema", type=below_one, metavar="DECAY",
                               help="validate, checkpoint and finish with an exponential moving average of the weights, "
                                    "updated every step (horizon ~1/(1-DECAY) steps: 0.999 for the Kaggle set, 0.99 for the demo)")
     regularisers.add_argument("--drop-path", type=below_one, default=0.0, metavar="RATE",
                               help="stochastic depth: the last block's chance of skipping its branch, linear from 0 over the blocks")
     regularisers.add_argument("--cutmix-alpha", type=at_least(0.0, float), default=RECIPE["cutmix_alpha"], metavar="A",
-                              help="CutMix with Beta(A, A) box areas: each batch gets CutMix or mixup, 50/50 (CutMix alone with --mixup-alpha 0)")
+                              help="CutMix with Beta(A, A) box areas: each batch gets CutMix or mixup, 50/50 (CutMix alone "
+                                   "with --mixup-alpha 0; not with a margin loss)")
     regularisers.add_argument("--random-erasing", type=below_one, default=0.0, metavar="P",
                               help="chance of blanking a random box of each train image (CPU transform)")
     regularisers.add_argument("--auto-augment", choices=tuple(AUTO_AUGMENT), default="none",
@@ -188,9 +219,14 @@ def build_model(args, data: FaceDataModule, resumed: FaceClassifier | None = Non
             num_classes=data.num_classes, class_names=data.class_names, architecture=architecture,
             backbone=args.backbone, image_size=args.image_size, mean=data.hparams.mean, std=data.hparams.std, lr=args.lr,
             weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, max_epochs=args.epochs,
-            label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha,
-            ema_decay=args.ema,
+            label_smoothing=args.label_smoothing, mixup_alpha=args.mixup_alpha, loss=args.loss, margin=args.margin,
+            scale=args.scale, cutmix_alpha=args.cutmix_alpha, ema_decay=args.ema,
         )
+        if args.init_from:  # fine-tuning: another run's weights, this run's optimiser and schedule
+            try:
+                model.init_from(model_from_checkpoint(args.init_from, read_checkpoint(args.init_from)))
+            except ValueError as error:
+                raise UserError(f"--init-from {args.init_from}: {error}") from error
     if args.recompute_gelu:  # memory for time, not architecture: for this run only, fresh or resumed
         blocks = [block for block in model.modules() if isinstance(block, ConvNeXtBlock)]
         if not blocks:
@@ -400,18 +436,25 @@ def train(args) -> int:
 
 def score_demo(checkpoint: Path, data_dir: Path, out: Path, num_workers: int) -> None:
     """The demo's last step: the Kaggle submission for its test split, scored against the
-    generator's ground truth, and face verification on identities never trained on."""
-    from predict import score_submission, submit, verify
+    generator's ground truth, then face verification and open-set identification on identities
+    never trained on."""
+    from predict import identify, score_identification, score_submission, submit, verify
 
+    loading = dict(num_workers=num_workers, device="cpu")
     submission = out / "submission.csv"
-    submit(checkpoint, data_dir / "test", submission, num_workers=num_workers, device="cpu")
+    submit(checkpoint, data_dir / "test", submission, **loading)
     score = score_submission(submission, data_dir / "test_labels.csv", checkpoint)
     print(f"demo test accuracy {score['accuracy']:.4f} ({score['correct']}/{score['rows']}): {submission}")
-    pairs = verify(
-        checkpoint, data_dir / "verification_pairs.csv", data_dir / "verification", roc=out / "roc.png",
-        num_workers=num_workers, device="cpu",
-    )
-    print(f"demo verification on unseen identities: ROC AUC {pairs['auc']:.3f}, EER {pairs['eer']:.3f}: {out / 'roc.png'}")
+    faces = data_dir / "verification"
+    pairs = verify(checkpoint, faces / "verification_pairs.csv", faces / "known", roc=out / "roc.png", **loading)
+    tar = ", ".join(f"TAR@FAR={far:g} {rate:.3f}" for far, rate in pairs["tar_at_far"].items())
+    print(f"demo verification on unseen identities: ROC AUC {pairs['auc']:.3f}, EER {pairs['eer']:.3f}, {tar}: {out / 'roc.png'}")
+    found = identify(checkpoint, faces / "known", faces / "unknown_test", out / "verification.csv",
+                     calibrate=faces / "unknown_dev", labels=faces / "verification_dev.csv", **loading)
+    score = score_identification(out / "verification.csv", faces / "verification_test.csv")
+    print(f"demo identification on unseen identities: open-set accuracy {score['accuracy']:.4f} "
+          f"({score['correct']}/{score['rows']}), {score['unknown_said_unknown']}/{score['unknown']} unknown faces "
+          f"said unknown, at threshold {found['threshold']:.3f} from unknown_dev: {out / 'verification.csv'}")
 
 
 if __name__ == "__main__":

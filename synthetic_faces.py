@@ -8,10 +8,17 @@ the demo. Same arguments, same bytes, whatever the number of workers.
 
     python synthetic_faces.py --out data/synthetic --identities 50
 
-writes train/<identity>/*.jpg, dev/<identity>/*.jpg, test/*.jpg, test_labels.csv (id,label),
-mislabelled.csv (path,label: train images filed under a wrong identity, with the true one) and,
-with --verification-identities K --pairs P, verification/*.jpg of K identities absent from train
-plus verification_pairs.csv (img1,img2,same).
+writes train/<identity>/*.jpg, dev/<identity>/*.jpg, test/*.jpg, test_labels.csv (id,label) and
+mislabelled.csv (path,label: train images filed under a wrong identity, with the true one). With
+--verification-identities K it also writes verification/ in the layout of the sibling Kaggle task
+(11-785-f23-hw2p2-verification), of identities absent from train:
+
+    verification/known/<identity>/*.jpg     K identities, --test-per-identity images each
+    verification/unknown_dev/*.jpg          --unknown-per-identity images of each unknown identity:
+    verification/unknown_test/*.jpg         the K known ones and about K/8 that known/ lacks
+    verification/verification_dev.csv       id,label: the identity, or n000000 when not in known/
+    verification/verification_test.csv      the same for unknown_test (Kaggle keeps this one)
+    verification/verification_pairs.csv     img1,img2,same: --pairs pairs of known/ images
 """
 
 import csv
@@ -34,8 +41,8 @@ from tqdm import tqdm
 from cli import ArgumentParser
 
 MARKER = ".synthetic_faces.json"
-FORMAT_VERSION = 1  # bump whenever the drawing changes, so that old sets are not taken for new ones
-SPLIT_STREAMS = {"train": 1, "dev": 2, "test": 3, "verification": 4}  # RNG stream of each split
+FORMAT_VERSION = 2  # bump whenever the drawing changes, so that old sets are not taken for new ones
+SPLIT_STREAMS = {"train": 1, "dev": 2, "test": 3, "known": 4, "unknown_dev": 5, "unknown_test": 6}  # RNG streams
 TRAIT_STREAM, NAME_STREAM, MISLABEL_STREAM, PAIR_STREAM = 10, 11, 12, 13
 
 HAIR_COLOURS = [(25, 20, 20), (60, 40, 25), (110, 70, 40), (200, 165, 100), (160, 65, 30), (150, 150, 150)]
@@ -46,6 +53,14 @@ EYE_COLOURS = [(60, 40, 25), (40, 90, 150), (70, 120, 60), (110, 110, 110)]
 def identity_name(identity):
     """Zero-padded so that sorted order, and thus ImageFolder's class index, is numeric order."""
     return f"n{identity + 1:06d}"
+
+
+NO_MATCH = identity_name(-1)  # "n000000", a name no identity gets: the verification task's "not known"
+
+
+def absent_identities(known: int) -> int:
+    """Unknown identities that known/ lacks: one in nine of them, as in the real set (120 of 1,080)."""
+    return max(1, round(known / 8)) if known else 0
 
 
 # -----------------------------------------------------------------------------
@@ -271,7 +286,7 @@ def write_image(job):
 # the data set
 
 def check_arguments(identities, train_per_identity, dev_per_identity, test_per_identity, image_size, seed,
-                    mislabel_rate, verification_identities, pairs):
+                    mislabel_rate, verification_identities, pairs, unknown_per_identity):
     if identities < 2:
         raise ValueError(f"identities must be at least 2, got {identities}")
     if image_size < 32:
@@ -284,12 +299,12 @@ def check_arguments(identities, train_per_identity, dev_per_identity, test_per_i
             raise ValueError(f"{name} must not be negative, got {value}")
     if not 0 <= mislabel_rate < 1:
         raise ValueError(f"mislabel_rate must be in [0, 1), got {mislabel_rate}")
-    if (verification_identities > 0) != (pairs > 0):
-        raise ValueError("verification_identities and pairs must both be positive or both be 0")
-    if verification_identities == 1:
-        raise ValueError("verification needs at least 2 identities to form different pairs")
-    if verification_identities and test_per_identity < 2:
-        raise ValueError("verification identities get test_per_identity images each, which must be at least 2")
+    if pairs and verification_identities < 2:
+        raise ValueError("pairs need verification_identities of at least 2, to form different pairs")
+    if pairs and test_per_identity < 2:
+        raise ValueError("pairs need test_per_identity (the known images of each identity) of at least 2")
+    if verification_identities and (test_per_identity < 1 or unknown_per_identity < 1):
+        raise ValueError("verification identities need test_per_identity and unknown_per_identity of at least 1")
 
 
 def file_names(seed, split, n):
@@ -299,10 +314,9 @@ def file_names(seed, split, n):
 
 
 def plan(root, seed, identities, train_per_identity, dev_per_identity, test_per_identity, image_size,
-         mislabel_rate, verification_identities, pairs):
+         mislabel_rate, verification_identities, pairs, unknown_per_identity):
     """Every image to draw as a worker job, and the rows of the csv files that describe them."""
-    jobs, tables = [], {"test_labels.csv": [("id", "label")], "mislabelled.csv": [("path", "label")],
-                        "verification_pairs.csv": [("img1", "img2", "same")]}
+    jobs, tables = [], {"test_labels.csv": [("id", "label")], "mislabelled.csv": [("path", "label")]}
     images = lambda ids, per: [(i, k) for i in ids for k in range(per)]
 
     train = images(range(identities), train_per_identity)
@@ -326,36 +340,55 @@ def plan(root, seed, identities, train_per_identity, dev_per_identity, test_per_
         jobs.append((f"test/{name}", "test", identity, k))
         tables["test_labels.csv"].append((name, identity_name(identity)))
 
-    # verification identities are numbered after the training ones, so no one in train appears here
-    unseen = images(range(identities, identities + verification_identities), test_per_identity)
-    names = dict(zip(unseen, file_names(seed, "verification", len(unseen))))
-    for (identity, k), name in names.items():
-        jobs.append((f"verification/{name}", "verification", identity, k))
-    rng = np.random.default_rng([seed, PAIR_STREAM])
-    for p in range(pairs):
-        if p % 2 == 0:  # alternate same and different, for a balanced set
-            i, (k1, k2) = rng.integers(verification_identities), rng.choice(test_per_identity, 2, replace=False)
-            row = (names[identities + i, k1], names[identities + i, k2], 1)
-        else:
-            i1, i2 = rng.choice(verification_identities, 2, replace=False)
-            k1, k2 = rng.integers(test_per_identity, size=2)
-            row = (names[identities + i1, k1], names[identities + i2, k2], 0)
-        tables["verification_pairs.csv"].append(row)
-    if not verification_identities:
-        del tables["verification_pairs.csv"]
-
+    if verification_identities:
+        jobs += verification_plan(seed, identities, test_per_identity, verification_identities, pairs,
+                                  unknown_per_identity, tables)
     jobs = [(str(root / path), seed, split, identity, k, image_size) for path, split, identity, k in jobs]
     return jobs, tables
 
 
+def verification_plan(seed, identities, known_per_identity, verification_identities, pairs, unknown_per_identity,
+                      tables) -> list:
+    """The jobs of verification/ (adding its csv files to `tables`): its identities are numbered
+    after the training ones, so no one in train appears there."""
+    images = lambda ids, per: [(i, k) for i in ids for k in range(per)]
+    known = range(identities, identities + verification_identities)
+    absent = range(known.stop, known.stop + absent_identities(verification_identities))
+    jobs = []
+    known_images = images(known, known_per_identity)
+    names = dict(zip(known_images, file_names(seed, "known", len(known_images))))
+    for (identity, k), name in names.items():
+        jobs.append((f"verification/known/{identity_name(identity)}/{name}", "known", identity, k))
+    for split in ("unknown_dev", "unknown_test"):
+        unknown = images([*known, *absent], unknown_per_identity)
+        rows = tables[f"verification/verification_{split.removeprefix('unknown_')}.csv"] = [("id", "label")]
+        for (identity, k), name in sorted(zip(unknown, file_names(seed, split, len(unknown))), key=lambda row: row[1]):
+            jobs.append((f"verification/{split}/{name}", split, identity, k))
+            rows.append((name, identity_name(identity) if identity in known else NO_MATCH))
+    if pairs:
+        rng = np.random.default_rng([seed, PAIR_STREAM])
+        rows = tables["verification/verification_pairs.csv"] = [("img1", "img2", "same")]
+        for p in range(pairs):
+            if p % 2 == 0:  # alternate same and different, for a balanced set
+                i, (k1, k2) = rng.integers(verification_identities), rng.choice(known_per_identity, 2, replace=False)
+                rows.append((names[known[i], k1], names[known[i], k2], 1))
+            else:
+                i1, i2 = rng.choice(verification_identities, 2, replace=False)
+                k1, k2 = rng.integers(known_per_identity, size=2)
+                rows.append((names[known[i1], k1], names[known[i2], k2], 0))
+    return jobs
+
+
 def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10,
-             image_size=112, seed=0, mislabel_rate=0.0, verification_identities=0, pairs=0, workers=None):
+             image_size=112, seed=0, mislabel_rate=0.0, verification_identities=0, pairs=0, unknown_per_identity=1,
+             workers=None):
     """Write the data set to out_dir and return its counts; if out_dir already holds the same set,
     return at once. Raises ValueError for bad arguments or an out_dir holding anything else."""
     arguments = dict(identities=int(identities), train_per_identity=int(train_per_identity),
                      dev_per_identity=int(dev_per_identity), test_per_identity=int(test_per_identity),
                      image_size=int(image_size), seed=int(seed), mislabel_rate=float(mislabel_rate),
-                     verification_identities=int(verification_identities), pairs=int(pairs))
+                     verification_identities=int(verification_identities), pairs=int(pairs),
+                     unknown_per_identity=int(unknown_per_identity))
     check_arguments(**arguments)
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -460,19 +493,22 @@ def main(argv=None):
     parser.add_argument("--train-per-identity", type=int, default=40)
     parser.add_argument("--dev-per-identity", type=int, default=10)
     parser.add_argument("--test-per-identity", type=int, default=10,
-                        help="also the number of images of each verification identity")
+                        help="also the number of known/ images of each verification identity")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mislabel-rate", type=float, default=0.0, help="fraction of train images filed wrongly")
-    parser.add_argument("--verification-identities", type=int, default=0, help="identities absent from train")
-    parser.add_argument("--pairs", type=int, default=0, help="verification pairs, half same, half different")
+    parser.add_argument("--verification-identities", type=int, default=0,
+                        help="known identities of verification/, absent from train (about 1 in 8 more are unknown)")
+    parser.add_argument("--unknown-per-identity", type=int, default=1,
+                        help="images of each identity in verification/unknown_dev and again in unknown_test")
+    parser.add_argument("--pairs", type=int, default=0, help="verification pairs of known/ images, half same, half different")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         counts = generate(args.out, args.identities, args.train_per_identity, args.dev_per_identity,
                           args.test_per_identity, args.image_size, args.seed, args.mislabel_rate,
-                          args.verification_identities, args.pairs, args.workers)
+                          args.verification_identities, args.pairs, args.unknown_per_identity, args.workers)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

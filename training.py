@@ -1,6 +1,6 @@
 """The LightningModule: FaceNN plus the seed's recipe (AdamW, warm-up + cosine, label smoothing,
-mixup), the modern regularisers as options (EMA of the weights, CutMix), and the plot of a run's
-curves.
+mixup), or a margin loss (ArcFace, CosFace) on its embedding, the modern regularisers as options
+(EMA of the weights, CutMix), and the plot of a run's curves.
 
 A checkpoint alone rebuilds the model: the hyperparameters hold the architecture, image size and
 normalisation, and the checkpoint carries the class mapping (index -> identity folder name).
@@ -21,11 +21,12 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from architecture import NUM_CLASSES, FaceNN, convnext_baseline, train_flops
+from architecture import NUM_CLASSES, WIDTHS, FaceNN, convnext_baseline, train_flops
 from cli import UserError, pick_device
 from data import KAGGLE_MEAN, KAGGLE_STD
 
@@ -73,6 +74,40 @@ def default_warmup(max_epochs: int) -> int:
 
 
 BACKBONES = {"facenn": FaceNN, "convnext": convnext_baseline}
+CLASSIFIERS = {"facenn": "head.classifier", "convnext": "classifier.2"}  # what maps the embedding to logits
+MARGINS = {"arcface": 0.5, "cosface": 0.35}  # the papers' margins (ArcFace: an angle, in radians)
+
+
+class MarginHead(nn.Module):
+    """Logits of a margin loss: the cosine between the normalised embedding and each normalised
+    class weight, times `scale`; in training the true class's cosine first gets the margin, so
+    that a class must win by it: ArcFace cos(theta + m) (Deng et al. 2019), CosFace cos(theta) - m
+    (Wang et al. 2018). Written out rather than taken from a library so that the logits go through
+    the same cross-entropy (label smoothing included) as the plain head's, and validation and
+    `submit` read the same logits without the margin."""
+
+    def __init__(self, in_features: int, num_classes: int, loss: str = "arcface", margin: float = 0.5, scale: float = 64.0):
+        super().__init__()
+        if loss not in MARGINS:
+            raise ValueError(f"margin loss must be one of {', '.join(MARGINS)}, got {loss!r}")
+        self.loss, self.margin, self.scale = loss, margin, scale
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):  # cosines near 1 need float32, fp16 rounds them
+            cosine = F.linear(F.normalize(features.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+            if labels is None:
+                return self.scale * cosine
+            target = cosine.gather(1, labels[:, None])
+            if self.loss == "cosface":
+                margined = target - self.margin
+            else:  # cos(theta + m), for theta + m <= pi; past it cos would rise again, so fall linearly (InsightFace's)
+                sine = (1 - target.square()).clamp_min(0).sqrt()
+                margined = torch.where(target > math.cos(math.pi - self.margin),
+                                       target * math.cos(self.margin) - sine * math.sin(self.margin),
+                                       target - self.margin * math.sin(math.pi - self.margin))
+            return self.scale * cosine.scatter(1, labels[:, None], margined)
 
 
 class FaceClassifier(L.LightningModule):
@@ -80,8 +115,13 @@ class FaceClassifier(L.LightningModule):
     `architecture` holds the backbone's keyword arguments (the seed's network when empty;
     `drop_path` there is stochastic depth).
 
-    Off by default, so that the defaults stay the seed's recipe: cutmix_alpha > 0 picks CutMix or
-    MixUp at random for each batch (CutMix alone when mixup_alpha is 0); ema_decay validates,
+    loss "ce" classifies with the backbone's own head; "arcface" and "cosface" replace that head by
+    a MarginHead on the embedding (`margin` None: the paper's), so that training shapes exactly what
+    `embed` returns. Mixup and CutMix are refused with a margin loss: their targets are two classes
+    at once, and the margin belongs to one true class.
+
+    Off by default, so that the defaults stay the original's recipe: cutmix_alpha > 0 picks CutMix
+    or MixUp at random for each batch (CutMix alone when mixup_alpha is 0); ema_decay validates,
     checkpoints and finishes with an exponential moving average of the weights, updated every
     optimiser step (Lightning's EMAWeightAveraging; its horizon is about 1 / (1 - decay) steps).
     Both are hyperparameters, so a resumed run keeps them."""
@@ -103,6 +143,9 @@ class FaceClassifier(L.LightningModule):
         max_epochs: int = 60,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 1.0,
+        loss: str = "ce",
+        margin: float | None = None,
+        scale: float = 64.0,
         cutmix_alpha: float = 0.0,
         ema_decay: float | None = None,
     ):
@@ -114,6 +157,15 @@ class FaceClassifier(L.LightningModule):
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.model = BACKBONES[backbone](num_classes, **(architecture or {}))
+        self.margin_head = None
+        if loss != "ce":
+            if mixup_alpha > 0 or cutmix_alpha > 0:
+                raise ValueError(f"mixup and CutMix have no one true class to put {loss}'s margin on: "
+                                 "use mixup_alpha 0 and cutmix_alpha 0")
+            self.hparams.margin = MARGINS[loss] if margin is None else margin  # the checkpoint records the value used
+            self.model.set_submodule(CLASSIFIERS[backbone], nn.Identity())  # the embedding comes out instead of logits
+            embedding = (architecture or {}).get("widths", WIDTHS)[-1]  # both backbones embed at the last width
+            self.margin_head = MarginHead(embedding, num_classes, loss, self.hparams.margin, scale)
         # the one place that decides the memory layout, for training and inference alike
         self.model.to(memory_format=torch.channels_last)
         # the batch mixing of training_step: MixUp, CutMix, or one of the two drawn per batch
@@ -126,8 +178,10 @@ class FaceClassifier(L.LightningModule):
         self.flops_per_batch: int | None = None  # what ThroughputMonitor reads
         self.first_bad_loss: torch.Tensor | None = None  # step, epoch and value; see watch_loss
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=torch.channels_last))
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; with a margin loss, `labels` put the margin on the true classes (training)."""
+        output = self.model(x.contiguous(memory_format=torch.channels_last))
+        return output if self.margin_head is None else self.margin_head(output, labels)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised pooled features, for verification by cosine similarity."""
@@ -141,7 +195,8 @@ class FaceClassifier(L.LightningModule):
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)  # soft targets
-        loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
+        logits = self(images) if self.margin_head is None else self(images, labels)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         self.watch_loss(loss)
         # the step value is this device's own: syncing it would cost an all-reduce every step under
         # DDP; the epoch value is accumulated on the device and all-reduced once, at the epoch's end
@@ -207,6 +262,20 @@ class FaceClassifier(L.LightningModule):
         if self.hparams.ema_decay is None:
             return []
         return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
+
+    def init_from(self, source: "FaceClassifier") -> None:
+        """Start from the weights of `source` (same network and identities): all of them, but a head
+        of another loss, which stays as initialised (cross-entropy, then margin fine-tuning)."""
+        if source.class_names != self.class_names:
+            raise ValueError("it was trained on other identities")
+        heads = ("margin_head.", f"model.{CLASSIFIERS[self.hparams.backbone]}.")
+        try:
+            missing, unexpected = self.load_state_dict(source.state_dict(), strict=False)
+        except RuntimeError as error:  # a tensor of another shape
+            raise ValueError("its network differs from this one (pass the same --backbone, --stem, --head-layers, "
+                             "--widths and --depths)") from error
+        if off := [key for key in missing + unexpected if not key.startswith(heads)]:
+            raise ValueError(f"its network differs from this one ({off[0]}; pass the same architecture flags)")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_diverged()  # no checkpoint holds the weights of a diverged run

@@ -409,7 +409,7 @@ def test_stats_errors(commands, small, case):
 def earlier_outputs(tmp_path_factory):
     """Files predict.py would write, holding an earlier run's output."""
     root = tmp_path_factory.mktemp("earlier")
-    for name in ("submission.csv", "emb.npy", "emb.txt", "scores.csv"):
+    for name in ("submission.csv", "emb.npy", "emb.txt", "scores.csv", "identities.csv"):
         (root / name).write_text(f"earlier {name}\n")
     (root / "pairs.csv").write_text("img1,img2,same\n")  # predict_command fills it for verify
     return root
@@ -428,8 +428,8 @@ def test_submit_names_the_unreadable_test_image_and_keeps_the_earlier_submission
     error_line(commands(PREDICT, "submit", "--checkpoint", trained_run / "best.ckpt", "--test-dir", test_dir,
                         "--out", earlier_outputs / "submission.csv", "--num-workers", "0"), expected)
     assert_kept(before)
-    assert sorted(path.name for path in earlier_outputs.iterdir()) == ["emb.npy", "emb.txt", "pairs.csv", "scores.csv",
-                                                                        "submission.csv"]
+    assert sorted(path.name for path in earlier_outputs.iterdir()) == ["emb.npy", "emb.txt", "identities.csv", "pairs.csv",
+                                                                        "scores.csv", "submission.csv"]
 
 
 def test_submit_skip_bad_counts_every_unreadable_image(commands, trained_run, tiny_faces, tmp_path):
@@ -490,6 +490,9 @@ def predict_command(command, checkpoint, tiny_faces, outputs):
         return ["evaluate", *workers, "--data-dir", tiny_faces / "dev"]
     if command == "embed":
         return ["embed", *workers, "--images", tiny_faces / "test", "--out", outputs / "emb.npy"]
+    if command == "identify":
+        return ["identify", *workers, "--known", tiny_faces / "train", "--unknown", tiny_faces / "test",
+                "--out", outputs / "identities.csv", "--threshold", "0.5"]
     names = sorted(path.name for path in (tiny_faces / "test").iterdir())
     pairs = outputs / "pairs.csv"
     pairs.write_text(f"img1,img2,same\n{names[0]},{names[1]},1\n{names[0]},{names[2]},0\n")
@@ -497,7 +500,7 @@ def predict_command(command, checkpoint, tiny_faces, outputs):
 
 
 @pytest.mark.parametrize("fault", CHECKPOINT_FAULTS)
-@pytest.mark.parametrize("command", ["submit", "evaluate", "embed", "verify"])
+@pytest.mark.parametrize("command", ["submit", "evaluate", "embed", "verify", "identify"])
 def test_predict_refuses_a_bad_checkpoint_in_one_line(commands, bad_checkpoints, tiny_faces, earlier_outputs, command, fault):
     argv = predict_command(command, bad_checkpoints / fault, tiny_faces, earlier_outputs)
     before = snapshot(earlier_outputs, bad_checkpoints)
@@ -511,6 +514,13 @@ def test_resume_refuses_a_bad_checkpoint_in_one_line(commands, bad_checkpoints, 
     result = train(commands, tiny_faces, tmp_path / "out", "--epochs", "2", "--resume", bad_checkpoints / fault)
     error_line(result, str(bad_checkpoints / fault), CHECKPOINT_FAULTS[fault][1])
     assert_kept(before)
+
+
+@pytest.mark.parametrize("fault", ["missing.ckpt", "truncated.ckpt", "other_widths.ckpt"])
+def test_init_from_refuses_a_bad_checkpoint_in_one_line(commands, bad_checkpoints, tiny_faces, tmp_path, fault):
+    result = train(commands, tiny_faces, tmp_path / "out", "--init-from", bad_checkpoints / fault)
+    error_line(result, str(bad_checkpoints / fault), CHECKPOINT_FAULTS[fault][0])
+    assert not (tmp_path / "out" / "last.ckpt").exists()
 
 
 @pytest.fixture
@@ -528,6 +538,11 @@ def test_resume_on_other_identities_is_refused(commands, trained_run, other_iden
     before = snapshot(run, other_identities)
     error_line(train(commands, other_identities, run, "--resume"), "last.ckpt was trained on other identities")
     assert_kept(before)
+
+
+def test_init_from_a_run_on_other_identities_is_refused(commands, trained_run, other_identities, tmp_path):
+    result = train(commands, other_identities, tmp_path / "out", "--loss", "arcface", "--init-from", trained_run / "best.ckpt")
+    error_line(result, "best.ckpt: it was trained on other identities")
 
 
 def test_evaluate_on_identities_the_checkpoint_lacks_is_refused(commands, trained_run, other_identities):

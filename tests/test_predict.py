@@ -1,5 +1,5 @@
-"""predict.py: the Kaggle submission, evaluation, scoring, embeddings and verification from a
-checkpoint, and its one-line errors."""
+"""predict.py: the Kaggle submission, evaluation, scoring, embeddings, verification and open-set
+identification from a checkpoint, and its one-line errors."""
 
 import csv
 import shutil
@@ -22,9 +22,10 @@ from training import epoch_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # Verification needs embeddings that tell apart people the network never saw, which four
-# identities cannot teach: more identities, and 12 unseen ones paired 300 times.
+# identities cannot teach: more identities, and 12 unseen ones paired 300 times (and 2 more that
+# known/ lacks, for identification).
 VERIFICATION_SET = dict(identities=24, train_per_identity=12, dev_per_identity=1, test_per_identity=4, image_size=48,
-                        seed=0, verification_identities=12, pairs=300)
+                        seed=0, verification_identities=12, pairs=300, unknown_per_identity=3)
 VERIFICATION_NET = ["--epochs", "8", "--lr", "3e-3", *FAST, "--widths", "16,32,48,64", "--batch-size", "16"]
 
 
@@ -138,6 +139,12 @@ def test_verification_metrics_on_known_scores():
     scores, same = rng.integers(0, 10, 200) / 10, rng.random(200) < 0.4
     wins = scores[same][:, None] - scores[~same][None, :]
     assert predict.verification_metrics(scores, same)["auc"] == pytest.approx((wins > 0).mean() + 0.5 * (wins == 0).mean())
+    # 1000 different pairs, one of them above every same pair, five above 0.497: at FAR 1e-3 one
+    # false accept is allowed (TAR 2/3), at 1e-2 ten are (all three same pairs)
+    different = np.r_[np.linspace(-0.5, 0.49, 995), [0.5, 0.499, 0.498, 0.4975, 0.95]]
+    metrics = predict.verification_metrics(np.r_[different, [0.9, 0.7, 0.497]], np.r_[np.zeros(1000), np.ones(3)])
+    assert metrics["tar_at_far"][1e-3] == pytest.approx(2 / 3) and metrics["tar_at_far"][1e-2] == 1
+    assert metrics["threshold"] == pytest.approx(0.7) and metrics["accuracy"] == pytest.approx(1001 / 1003)
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +165,9 @@ def verification_run(tmp_path_factory):
 
 def test_verify_tells_unseen_identities_apart(verification_run, tmp_path, capsys):
     checkpoint, root = verification_run
-    pairs = read_rows(root / "verification_pairs.csv")
-    argv = ["verify", "--checkpoint", checkpoint, "--pairs", root / "verification_pairs.csv", "--images",
-            root / "verification", "--out", tmp_path / "scores.csv", "--roc", tmp_path / "roc.png", "--num-workers", "0"]
+    pairs = read_rows(root / "verification/verification_pairs.csv")
+    argv = ["verify", "--checkpoint", checkpoint, "--pairs", root / "verification/verification_pairs.csv", "--images",
+            root / "verification/known", "--out", tmp_path / "scores.csv", "--roc", tmp_path / "roc.png", "--num-workers", "0"]
     result = run_command(list(map(str, argv)), capsys)
     assert result.returncode == 0, result.stderr
     header, *rows = read_rows(tmp_path / "scores.csv")
@@ -170,8 +177,111 @@ def test_verify_tells_unseen_identities_apart(verification_run, tmp_path, capsys
     metrics = predict.verification_metrics(scores, [row[3] == "1" for row in rows])
     # about 0.86, EER 0.18; untrained networks score 0.49 to 0.64
     assert metrics["auc"] > 0.75 and metrics["eer"] < 0.3 and metrics["accuracy"] > 0.7, metrics
-    assert f"ROC AUC {metrics['auc']:.4f}, EER {metrics['eer']:.4f}" in result.stdout
+    assert f"ROC AUC {metrics['auc']:.4f}, EER {metrics['eer']:.4f}, TAR@FAR=0.001 " in result.stdout
     assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibration_finds_the_threshold_that_is_best_by_construction():
+    # right matches down to 0.8, then an unknown face, a wrong match and two more unknowns: the one
+    # best cut lies between 0.8 and 0.7, and it gets all but the wrong match right
+    scores = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3]
+    matches = ["a", "b", "c", "a", "b", "c", "a"]
+    truth = ["a", "b", "c", predict.NO_MATCH, "c", predict.NO_MATCH, predict.NO_MATCH]
+    assert predict.calibrate_threshold(scores, matches, truth) == (pytest.approx(0.75), pytest.approx(6 / 7))
+    # all unknown: midway from the best score to 1; all right: midway from the lowest to -1; a tie is never cut
+    assert predict.calibrate_threshold([0.4, 0.2], ["a", "b"], [predict.NO_MATCH] * 2) == (pytest.approx(0.7), 1)
+    assert predict.calibrate_threshold([0.4, 0.2], ["a", "b"], ["a", "b"]) == (pytest.approx(-0.4), 1)
+    assert predict.calibrate_threshold([0.5, 0.5], ["a", "b"], ["a", predict.NO_MATCH])[1] == 0.5
+
+
+def known_folder(root, images_by_identity):
+    """The real data's known/ layout: <identity>/0001_01.jpg, 0002_01.jpg..., names repeated across identities."""
+    for identity, images in images_by_identity.items():
+        (root / identity).mkdir(parents=True)
+        for k, image in enumerate(images, start=1):
+            shutil.copy(image, root / identity / f"{k:04d}_01.jpg")
+    return root
+
+
+def test_identify_matches_each_face_to_the_mean_embedding_of_an_identity(checkpoint, tiny_faces, tmp_path, capsys):
+    # known: two train images of each of 4 identities (the real layout); unknown: the test images
+    known = known_folder(tmp_path / "known", {name.name: sorted(name.glob("*.jpg"))[:2]
+                                             for name in sorted((tiny_faces / "train").iterdir())})
+    argv = ["identify", "--checkpoint", checkpoint, "--known", known, "--unknown", tiny_faces / "test",
+            "--out", tmp_path / "out.csv", "--threshold", "-1", "--num-workers", "0"]
+    result = run_command(list(map(str, argv)), capsys)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 8 rows" in result.stdout and "4 known identities, 0 n000000" in result.stdout
+    header, *rows = read_rows(tmp_path / "out.csv")
+    # by hand: the closest normalised mean of each identity's two embeddings
+    model = predict.load_model(checkpoint, "cpu")
+    unknown, ids, _ = predict.embed_images(model, tiny_faces / "test", num_workers=0)
+    names = sorted(p.name for p in known.iterdir())
+    templates = []
+    for name in names:
+        embeddings, _, _ = predict.embed_images(model, known / name, num_workers=0)
+        templates.append(torch.nn.functional.normalize(embeddings.mean(0), dim=0))
+    nearest = (unknown @ torch.stack(templates).T).argmax(1)
+    assert header == ["id", "label"] and rows == [[key, names[i]] for key, i in zip(ids, nearest.tolist())]
+    # a threshold above every cosine says n000000 of all
+    predict.identify(checkpoint, known, tiny_faces / "test", tmp_path / "none.csv", threshold=1.01, num_workers=0)
+    assert [label for _, label in read_rows(tmp_path / "none.csv")[1:]] == ["n000000"] * 8
+
+
+def test_calibration_with_one_image_per_identity_and_no_face_known(checkpoint, tiny_faces, tmp_path, capsys):
+    # known/ holds one image of each of identities 1-2; every unknown image is of identity 3 or 4
+    train = sorted((tiny_faces / "train").iterdir())
+    known = known_folder(tmp_path / "known", {path.name: sorted(path.glob("*.jpg"))[:1] for path in train[:2]})
+    unknown = tmp_path / "unknown_dev"
+    unknown.mkdir()
+    for path in train[2:]:
+        for image in sorted(path.glob("*.jpg"))[:3]:
+            shutil.copy(image, unknown / f"{path.name}_{image.name}")
+    labels = tmp_path / "verification_dev.csv"
+    labels.write_text("id,label\n" + "".join(f"{p.name},n000000\n" for p in sorted(unknown.iterdir())))
+    argv = ["identify", "--checkpoint", checkpoint, "--known", known, "--unknown", unknown, "--out", tmp_path / "out.csv",
+            "--calibrate", unknown, "--labels", labels, "--num-workers", "0"]
+    result = run_command(list(map(str, argv)), capsys)
+    assert result.returncode == 0, result.stderr
+    assert "open-set accuracy 1.0000 on 6 images" in result.stdout  # a threshold above all: every face unknown
+    assert read_rows(tmp_path / "out.csv")[1:] == [[p.name, "n000000"] for p in sorted(unknown.iterdir())]
+    result = run_command(list(map(str, ["evaluate", "--submission", tmp_path / "out.csv", "--labels", labels, "--open-set"])),
+                         capsys)
+    assert "open-set accuracy 1.0000 (6/6); said n000000 of 6/6 unknown faces and of 0/0 known ones" in result.stdout
+    # a truth naming an identity that known/ lacks is one line
+    labels.write_text(labels.read_text().replace(",n000000\n", ",n000004\n", 1))
+    line = assert_one_line_error(run_command(list(map(str, argv)), capsys))
+    assert "identity n000004 is not in" in line
+
+
+def test_identify_and_score_the_synthetic_verification_task(verification_run, tmp_path, capsys):
+    checkpoint, root = verification_run
+    faces = root / "verification"
+    argv = ["identify", "--checkpoint", checkpoint, "--known", faces / "known", "--unknown", faces / "unknown_test",
+            "--out", tmp_path / "out.csv", "--calibrate", faces / "unknown_dev", "--labels", faces / "verification_dev.csv",
+            "--num-workers", "0", "--tta"]
+    result = run_command(list(map(str, argv)), capsys)
+    assert result.returncode == 0, result.stderr
+    header, *rows = read_rows(tmp_path / "out.csv")
+    truth = read_rows(faces / "verification_test.csv")[1:]
+    assert header == ["id", "label"] and [key for key, _ in rows] == [key for key, _ in truth]
+    assert {label for _, label in rows} <= {p.name for p in (faces / "known").iterdir()} | {"n000000"}
+    score = predict.score_identification(tmp_path / "out.csv", faces / "verification_test.csv")
+    by_hand = sum(row == answer for row, answer in zip(rows, truth))
+    assert score["correct"] == by_hand and score["rows"] == 14 * 3 and score["unknown"] == 2 * 3
+    assert score["accuracy"] > 2 / 13, score  # 13 answers (12 identities or n000000): over twice chance
+    result = run_command(list(map(str, ["evaluate", "--submission", tmp_path / "out.csv", "--labels",
+                                        faces / "verification_test.csv", "--open-set"])), capsys)
+    assert f"open-set accuracy {score['accuracy']:.4f} ({by_hand}/42)" in result.stdout
+
+
+def test_the_demo_ends_with_verification_and_identification(verification_run, tmp_path, capsys):
+    checkpoint, root = verification_run
+    run_training.score_demo(checkpoint, root, tmp_path, num_workers=0)
+    out = capsys.readouterr().out
+    assert "demo verification on unseen identities: ROC AUC 0." in out and "TAR@FAR=0.01 " in out
+    assert "demo identification on unseen identities: open-set accuracy 0." in out
+    assert len(read_rows(tmp_path / "verification.csv")) == 1 + 42
 
 
 def test_commands_print_their_results(checkpoint, submission, tiny_faces, tmp_path, capsys):

@@ -91,6 +91,7 @@ def test_warmup_is_the_seeds_share_of_the_run_unless_given():
         (["--epochs", "5", "--warmup-epochs", "5"], "--warmup-epochs 5 must be less than --epochs 5"),
         (["--ema", "1"], "--ema: must be < 1"),
         (["--drop-path", "1"], "--drop-path: must be < 1"),
+        (["--loss", "arcface", "--cutmix-alpha", "1"], "CutMix mixes two classes"),
         (["--random-erasing", "0.5", "--augment-on-device", "on"], "not with --augment-on-device on"),
         (["--auto-augment", "trivial", "--augment-on-device", "on"], "not with --augment-on-device on"),
     ],

@@ -15,7 +15,7 @@ from PIL import Image
 import synthetic_faces as sf
 
 SMALL = dict(identities=4, train_per_identity=5, dev_per_identity=2, test_per_identity=3, image_size=32,
-             verification_identities=3, pairs=8, workers=1)
+             verification_identities=3, pairs=8, unknown_per_identity=2, workers=1)
 
 
 def read_csv(path):
@@ -35,7 +35,7 @@ def small(tmp_path_factory):
 
 def test_layout_and_counts(small):
     out, counts = small
-    assert counts == dict(train=20, dev=8, test=12, verification=9, pairs=8, mislabelled=0)
+    assert counts == dict(train=20, dev=8, test=12, known=9, unknown_dev=8, unknown_test=8, pairs=8, mislabelled=0)
     names = [sf.identity_name(i) for i in range(4)]
     assert names == ["n000001", "n000002", "n000003", "n000004"]
     for split, per in [("train", 5), ("dev", 2)]:
@@ -52,15 +52,34 @@ def test_layout_and_counts(small):
         assert image.size == (32, 32) and image.mode == "RGB"
 
 
-def test_verification_pairs_are_balanced_and_unseen(small):
-    out, _ = small
-    pairs = read_csv(out / "verification_pairs.csv")
-    assert len(pairs) == 8 and sum(int(row["same"]) for row in pairs) == 4
-    # who is in each verification image, from the plan the files were written from
+def who_is_in(out):
+    """Image path under verification/ -> identity number, from the plan the files were written from."""
     jobs, _ = sf.plan(out, seed=0, mislabel_rate=0.0, **{k: v for k, v in SMALL.items() if k != "workers"})
-    who = {Path(job[0]).name: job[3] for job in jobs if job[2] == "verification"}
-    assert set(who) == {p.name for p in (out / "verification").iterdir()}
-    assert min(who.values()) >= SMALL["identities"]  # no verification identity is in train
+    return {str(Path(job[0]).relative_to(out / "verification")): job[3] for job in jobs if job[0].count("verification/")}
+
+
+def test_verification_has_the_kaggle_layout_with_unseen_and_absent_identities(small):
+    out, _ = small
+    root, who = out / "verification", who_is_in(out)
+    known = sorted(p.name for p in (root / "known").iterdir())
+    assert known == [sf.identity_name(i) for i in range(4, 7)]  # numbered after the 4 train identities
+    assert all(len(list((root / "known" / name).glob("*.jpg"))) == 3 for name in known)  # test_per_identity
+    for split in ("dev", "test"):
+        rows = read_csv(root / f"verification_{split}.csv")
+        assert [row["id"] for row in rows] == sorted(p.name for p in (root / f"unknown_{split}").iterdir())
+        # 3 known identities and 1 absent one (about 1 in 9), 2 images each
+        truth = [sf.identity_name(who[f"unknown_{split}/{row['id']}"]) for row in rows]
+        assert sorted(truth) == sorted(sf.identity_name(i) for i in range(4, 8) for _ in range(2))
+        assert [row["label"] for row in rows] == [name if name in known else "n000000" for name in truth]
+    assert sf.absent_identities(960) == 120 and sf.absent_identities(3) == 1 and sf.absent_identities(0) == 0
+
+
+def test_verification_pairs_are_balanced_and_of_known_images(small):
+    out, _ = small
+    pairs = read_csv(out / "verification/verification_pairs.csv")
+    assert len(pairs) == 8 and sum(int(row["same"]) for row in pairs) == 4
+    who = {Path(path).name: identity for path, identity in who_is_in(out).items() if path.startswith("known/")}
+    assert {name for row in pairs for name in (row["img1"], row["img2"])} <= set(who)
     assert all((who[row["img1"]] == who[row["img2"]]) == (row["same"] == "1") for row in pairs)
     assert all(row["img1"] != row["img2"] for row in pairs)
 
@@ -144,7 +163,7 @@ def test_a_linear_model_on_pixels_stays_far_from_the_identities(tmp_path):
     (["--image-size", "16"], "image_size must be at least 32"),
     (["--dev-per-identity", "-1"], "dev_per_identity must not be negative"),
     (["--mislabel-rate", "1"], "mislabel_rate must be in [0, 1)"),
-    (["--pairs", "5"], "both be positive"),
+    (["--pairs", "5"], "pairs need verification_identities"),
 ])
 def test_command_rejects_bad_arguments_in_one_line(tmp_path, flags, message):
     result = subprocess.run([sys.executable, sf.__file__, "--out", str(tmp_path / "set"), *flags],

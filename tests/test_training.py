@@ -1,6 +1,7 @@
 """The Lightning module and run_training.py: schedule, mixup, training, checkpoints, resume, CLI."""
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import predict
 import run_training
+import training
 from architecture import FaceNN, train_flops
 from cli import UserError
 from training import FaceClassifier, epoch_metrics, model_from_checkpoint, read_checkpoint
@@ -208,6 +211,8 @@ def test_sigkill_mid_run_then_resume_finishes_the_planned_epochs(tiny_faces, tmp
         (["--image-size", "16"], "--image-size: must be >= 32"),
         (["--no-such-flag"], "unrecognized arguments"),
         (["--data-dir", "/nonexistent/faces"], "python run_training.py --demo"),
+        (["--loss", "arcface", "--mixup-alpha", "0.2"], "the margin needs one true class"),
+        (["--margin", "0.3"], "--margin is for --loss arcface or cosface"),
     ],
 )
 def test_cli_errors_are_one_line(args, expected):
@@ -251,3 +256,61 @@ def test_both_backbones_embed_to_unit_rows(backbone):
         embeddings = model.embed(torch.randn(2, 3, 64, 64))
     assert embeddings.shape == (2, 32)
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
+
+
+def test_margin_heads_put_the_margin_on_the_true_class_only():
+    head = training.MarginHead(2, 3, "arcface", margin=0.5, scale=10.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]))  # normalised: only directions count
+    angle = torch.tensor([0.3, 3.0])  # the second: theta + m past pi, where cos would turn back up
+    features = torch.stack([angle.cos(), angle.sin()], dim=1) * 5
+    cosines = torch.stack([angle.cos(), angle.sin(), -angle.cos()], dim=1)
+    torch.testing.assert_close(head(features), 10 * cosines)  # no labels: plain cosine logits
+    labels = torch.tensor([0, 0])
+    expected = 10 * cosines.clone()
+    expected[0, 0] = 10 * math.cos(0.3 + 0.5)
+    expected[1, 0] = 10 * (math.cos(3.0) - 0.5 * math.sin(math.pi - 0.5))  # falls on linearly instead
+    torch.testing.assert_close(head(features, labels), expected)
+    head.loss = "cosface"
+    expected[:, 0] = 10 * (angle.cos() - 0.5)
+    torch.testing.assert_close(head(features, labels), expected)
+
+
+def test_a_margin_loss_replaces_the_head_and_refuses_mixup():
+    small = dict(architecture=dict(widths=(8, 16, 24, 32), depths=(1, 1, 1, 1)), mixup_alpha=0.0)
+    model = FaceClassifier(5, loss="cosface", **small)
+    assert model.hparams.margin == 0.35 and model.margin_head.weight.shape == (5, 32)
+    assert not any(name.startswith("model.head.classifier") for name, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="mixup"):
+        FaceClassifier(5, loss="arcface", **{**small, "mixup_alpha": 1.0})
+
+
+def test_arcface_fine_tunes_a_cross_entropy_checkpoint(trained_run, tiny_faces, tmp_path, capsys):
+    ce = predict.load_model(trained_run / "best.ckpt", "cpu")
+    fresh = FaceClassifier(TINY_SET["identities"], class_names=ce.class_names, loss="arcface", mixup_alpha=0.0,
+                           architecture=dict(ce.hparams.architecture))
+    head = fresh.margin_head.weight.detach().clone()
+    fresh.init_from(ce)
+    torch.testing.assert_close(fresh.model.stem.state_dict(), ce.model.stem.state_dict())
+    torch.testing.assert_close(fresh.margin_head.weight, head)  # the ce head has nothing to give it
+    out = tmp_path / "arcface"
+    flags = ["--data-dir", tiny_faces, "--out", out, "--epochs", "2", *FAST, "--loss", "arcface", "--scale", "16",
+             "--init-from", trained_run / "best.ckpt"]
+    assert run_training.main(list(map(str, flags))) == 0
+    checkpoint = torch.load(out / "last.ckpt", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    assert {k: hparams[k] for k in ("loss", "margin", "scale")} == dict(loss="arcface", margin=0.5, scale=16)
+    assert hparams["label_smoothing"] == hparams["mixup_alpha"] == 0  # a margin loss's defaults: the paper's
+    series = epoch_metrics(out / "metrics.csv")
+    assert dict(series["lr-AdamW"]) == {0: pytest.approx(3e-4), 1: pytest.approx(1e-3)}  # a new schedule from epoch 0
+    result = predict.evaluate(out / "last.ckpt", tiny_faces / "dev", num_workers=0)
+    assert result["top1"] == pytest.approx(dict(series["val_acc"])[1], abs=1e-6)  # the margin head's plain cosines
+    found = predict.identify(out / "last.ckpt", tiny_faces / "train", tiny_faces / "test", tmp_path / "ids.csv",
+                             threshold=-1.0, num_workers=0)
+    assert found["rows"] == 8 and found["said_unknown"] == 0
+    with pytest.raises(SystemExit):  # the run it starts from would be cleared
+        run_training.main(list(map(str, [*flags, "--out", trained_run, "--overwrite"])))
+    assert "lies in --out" in capsys.readouterr().err and (trained_run / "best.ckpt").is_file()
+    wider = [*flags[:-2], "--init-from", trained_run / "best.ckpt", "--widths", "8,16,24,48", "--overwrite"]
+    with pytest.raises(UserError, match="its network differs"):
+        run_training.main(list(map(str, wider)))
