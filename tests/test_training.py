@@ -294,7 +294,7 @@ def test_arcface_fine_tunes_a_cross_entropy_checkpoint(trained_run, tiny_faces, 
     torch.testing.assert_close(fresh.model.stem.state_dict(), ce.model.stem.state_dict())
     torch.testing.assert_close(fresh.margin_head.weight, head)  # the ce head has nothing to give it
     out = tmp_path / "arcface"
-    flags = ["--data-dir", tiny_faces, "--out", out, "--epochs", "2", *FAST, "--loss", "arcface", "--scale", "16",
+    flags = ["--data-dir", tiny_faces, "--out", out, "--epochs", "2", *FAST, "--warmup-epochs", "1", "--loss", "arcface", "--scale", "16",
              "--init-from", trained_run / "best.ckpt"]
     assert run_training.main(list(map(str, flags))) == 0
     checkpoint = torch.load(out / "last.ckpt", weights_only=True)
