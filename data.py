@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
@@ -229,7 +229,10 @@ def read_header(data: bytes) -> Image.Image:
     up to twice that limit and leave the huge decode to the caller."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data))
+        try:
+            return Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:  # its message names the BytesIO object, not the file
+            raise UnidentifiedImageError("not an image file PIL can identify") from None
 
 
 def decode_image(data: bytes) -> torch.Tensor:

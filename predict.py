@@ -6,7 +6,7 @@ embeddings, face verification by cosine similarity, and open-set identification 
     python predict.py evaluate --submission submission.csv --labels data/test_labels.csv --checkpoint CKPT
     python predict.py embed --checkpoint CKPT --images data/verification --out emb.npy
     python predict.py verify --checkpoint CKPT --pairs V/verification_pairs.csv --images V/known --roc roc.png
-    python predict.py identify --checkpoint CKPT --known V/known --unknown V/unknown_test --out verification.csv \
+    python predict.py identify --checkpoint CKPT --known V/known --unknown V/unknown_test --out verification.csv \\
         --calibrate V/unknown_dev --labels V/verification_dev.csv
 
 The checkpoint alone rebuilds the model (architecture, image size, normalisation, class names), so

@@ -45,10 +45,12 @@ RUN_SETTINGS = {
         "loss", "margin", "scale", "cutmix_alpha")},
     "ema": ("model", "ema_decay"),
     **{flag: ("architecture", flag) for flag in ("stem", "head_layers", "widths", "depths", "drop_path")},
-    **{flag: ("data", flag) for flag in ("batch_size", "subset_classes", "full", "seed", "auto_augment", "random_erasing")},
+    **{flag: ("data", flag) for flag in (
+        "data_dir", "batch_size", "subset_classes", "full", "seed", "auto_augment", "random_erasing")},
     "patience": ("early stopping", "patience"),
 }
-CHANGEABLE_ON_RESUME = {"batch_size"}  # the checkpoint's unless given: a smaller GPU may need a smaller batch
+# the checkpoint's unless given: the data may have moved, a smaller GPU may need a smaller batch
+CHANGEABLE_ON_RESUME = {"data_dir", "batch_size"}
 KAGGLE_HELP = (
     "get the Kaggle data (kaggle competitions download -c 11-785-f23-hw2p2-classification, unzip so that "
     "DIR/train/<id>/*.jpg, DIR/dev/<id>/*.jpg and DIR/test/*.jpg exist), or try the synthetic demo: "
@@ -62,7 +64,7 @@ DEMO_DATA = dict(
 LOG_EVERY_N_STEPS = 10
 DEMO_ARGS = dict(
     data_dir=Path("demo_data"), out=Path("checkpoint/demo"), epochs=15, warmup_epochs=1, batch_size=64,
-    lr=2e-3, widths="32,64,128,256", depths="1,1,3,1", accelerator="cpu", num_workers=1, wandb="off", overwrite=True,
+    lr=2e-3, widths="32,64,128,256", depths="1,1,3,1", accelerator="cpu", num_workers=1, wandb="off",
 )
 
 
@@ -110,6 +112,10 @@ def parse_args(argv=None):
         args.label_smoothing = args.label_smoothing if "label_smoothing" in args.given else 0.0
     elif args.margin is not None:
         p.error("--margin is for --loss arcface or cosface")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out, --overwrite replaces it: pick one")
+    if args.resume and args.resume != "last" and "out" not in args.given:
+        args.out = Path(args.resume).parent  # a run continues in its own folder
     if args.init_from and args.resume:
         p.error("--init-from starts a new run from a checkpoint's weights, --resume continues one: pick one")
     if args.init_from and overlaps(args.init_from, args.out):
@@ -248,18 +254,30 @@ def schedule_summary(hp) -> str:
 
 def checkpoint_to_resume(args) -> Path | None:
     """The checkpoint --resume names; refuses to write over an earlier run unless asked."""
+    earlier = sorted(args.out.glob("*.ckpt")) if args.out.is_dir() else []
     if args.resume:
         path = args.out / "last.ckpt" if args.resume == "last" else Path(args.resume)
         if not path.is_file():
             raise UserError(f"no checkpoint to resume at {path}")
+        if earlier and not any(overlaps(path, checkpoint) for checkpoint in earlier):
+            raise UserError(f"--out {args.out} holds another run ({earlier[0].name}): resuming {path} would write over "
+                            "it (leave out --out to continue in the checkpoint's folder, or give an empty one)")
         return path
-    earlier = sorted(args.out.glob("*.ckpt")) if args.out.is_dir() else []
-    if earlier and not args.overwrite:
+    if earlier and not args.overwrite and not (args.demo and demo_run(earlier[0], args.data_dir)):
         raise UserError(
             f"{args.out} already holds a run ({earlier[0].name}); pass --resume to continue it, "
             "--overwrite to replace it, or another --out"
         )
     return None
+
+
+def demo_run(checkpoint: Path, demo_data: Path) -> bool:
+    """Whether a checkpoint is of a run on the demo's data: one --demo may replace without --overwrite."""
+    try:
+        trained_on = read_checkpoint(checkpoint).get("datamodule_hyper_parameters", {}).get("data_dir")
+    except UserError:
+        return False
+    return trained_on is not None and overlaps(Path(trained_on), demo_data)
 
 
 def take_settings(args, checkpoint: dict, path: Path) -> None:
@@ -284,11 +302,13 @@ def take_settings(args, checkpoint: dict, path: Path) -> None:
             continue
         if flag in args.given and given != kept:
             option = "--" + flag.replace("_", "-")
-            raise UserError(f"{option} {given} contradicts {path}, which was trained with {kept}: a resumed run "
+            raise UserError(f"{option} {given} contradicts {path}, which was trained "
+                            f"{'without it' if kept is None else f'with {kept}'}: a resumed run "
                             f"keeps its settings (leave out {option}, or start a new run in another --out)")
         setattr(args, flag, kept)
     if "epochs" not in args.given:
         args.epochs = checkpoint["hyper_parameters"]["max_epochs"]
+    args.data_dir = Path(args.data_dir)  # the checkpoint keeps it as text
 
 
 def nothing_left(args, checkpoint: dict, path: Path) -> str | None:
@@ -338,7 +358,7 @@ def main(argv=None) -> int:
             generate(args.data_dir, **DEMO_DATA, seed=args.seed)
         except ValueError as error:  # e.g. the folder holds something else: the user's files stay
             raise DataError(str(error)) from error
-    if not args.data_dir.is_dir():
+    if not args.data_dir.is_dir() and not args.resume:  # a resumed run finds its data in the checkpoint
         raise DataError(f"no data directory at {args.data_dir}: {KAGGLE_HELP}")
     writes_out = rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0  # not DDP's other ranks
     with folder_lock(args.out, "run_training.py") if writes_out else nullcontext():
@@ -353,6 +373,9 @@ def train(args) -> int:
     if resumed is not None:
         model = model_from_checkpoint(args.resume_from, resumed)  # first: a damaged or foreign file is one line
         take_settings(args, resumed, args.resume_from)
+        if not args.data_dir.is_dir():
+            raise DataError(f"no data directory at {args.data_dir} (where {args.resume_from} was trained): pass "
+                            "--data-dir where the data is now")
 
     accelerator, precision = resolve_accelerator(args)
     data = FaceDataModule(

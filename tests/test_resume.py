@@ -236,3 +236,37 @@ def test_the_log_survives_where_lightnings_csv_logger_loses_it(tmp_path, monkeyp
         assert not kept_at_start or not log.read_bytes().startswith(earlier)
     else:
         assert kept_at_start and log.read_bytes() == earlier
+
+
+def test_resume_continues_in_the_checkpoints_folder_with_its_data(tiny_faces, tmp_path, monkeypatch, watch):
+    run, other = tmp_path / "run", tmp_path / "other"
+    watch.stop_at = 4  # the start of epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_faces, run)
+    watch.stop_at = None
+    assert train(tiny_faces, other, "--epochs", "1") == 0
+    kept = {path.name: path.read_bytes() for path in other.glob("*.ckpt")}
+    with pytest.raises(UserError, match="holds another run .* would write over it"):
+        train(tiny_faces, other, "--resume", str(run / "last.ckpt"))
+    assert {path.name: path.read_bytes() for path in other.glob("*.ckpt")} == kept
+    monkeypatch.chdir(tmp_path)  # neither --out nor --data-dir: both from the checkpoint
+    assert run_training.main([*FAST, "--resume", str(run / "last.ckpt")]) == 0
+    assert load(run / "last.ckpt")["epoch"] == 3 and not (tmp_path / "checkpoint").exists()
+
+
+def test_the_demo_replaces_a_demo_run_only(tiny_faces, tmp_path, monkeypatch):
+    monkeypatch.setattr("synthetic_faces.generate", lambda *args, **kwargs: None)  # the tiny set stands in
+    monkeypatch.setattr(run_training, "score_demo", lambda *args: None)
+    demo_data = shutil.copytree(tiny_faces, tmp_path / "demo_data")
+
+    def demo(out):
+        return run_training.main(["--demo", "--out", str(out), "--data-dir", str(demo_data), *FAST, "--epochs", "2"])
+
+    assert demo(tmp_path / "demo") == 0
+    assert demo(tmp_path / "demo") == 0  # a second demo replaces the first
+    out = tmp_path / "out"
+    assert train(tiny_faces, out, "--epochs", "1") == 0  # a run on other data
+    before = (out / "last.ckpt").read_bytes()
+    with pytest.raises(UserError, match="already holds a run"):
+        demo(out)
+    assert (out / "last.ckpt").read_bytes() == before
