@@ -93,6 +93,12 @@ for line in requests:
 """
 
 
+def as_in_a_terminal():
+    """Ctrl-C reaches the command as it would in a terminal: a job a shell started in the background
+    (a CI runner's, say) inherits SIGINT ignored, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Commands:
     """`commands(script, *args)` runs `python script args` in ROOT and returns a CompletedProcess;
     `start` and `finish` split that in two, for signalling the process (`pid`) in between."""
@@ -111,12 +117,14 @@ class Commands:
         argv = [str(script), *map(str, args)]
         out, err = self.dir / "stdout", self.dir / "stderr"
         if self.fresh:
-            process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=open(out, "w"), stderr=open(err, "w"))
+            process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=open(out, "w"), stderr=open(err, "w"),
+                                       preexec_fn=as_in_a_terminal)
             self.running = argv, process
             return process.pid
         if self.zygote is None:
             self.zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(ROOT)], cwd=ROOT, stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, stderr=open(self.dir / "zygote.err", "w"))
+                                           stdout=subprocess.PIPE, stderr=open(self.dir / "zygote.err", "w"),
+                                           preexec_fn=as_in_a_terminal)
         self.zygote.stdin.write((json.dumps([argv, str(out), str(err)]) + "\n").encode())
         self.zygote.stdin.flush()
         pid = int(self._reply(time.monotonic() + 240))  # the first call waits for the imports
