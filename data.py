@@ -547,7 +547,8 @@ class FaceDataModule(L.LightningDataModule):
         per_device = -(-len(self.train_dataset) // world)  # DistributedSampler pads to equal shares
         epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0)
         collate = collate_encoded if self.hparams.augment_on_device else collate_same_size
-        return self._loader(EpochSeeded(self.train_dataset, self.hparams.seed), EpochShuffle(len(self.train_dataset), epoch),
+        shuffle = EpochShuffle(len(self.train_dataset), epoch, self.hparams.seed)
+        return self._loader(EpochSeeded(self.train_dataset, self.hparams.seed), shuffle,
                             drop_last=per_device % self.hparams.batch_size == 1, collate_fn=collate)
 
     def val_dataloader(self):
@@ -560,20 +561,25 @@ class FaceDataModule(L.LightningDataModule):
         return self._loader(self.test_dataset)
 
 
-class EpochShuffle(torch.utils.data.Sampler):
-    """A random order of the dataset's images that depends on the epoch alone, not on how the run got
-    there, so a run resumed from a checkpoint sees each epoch's images in the order an uninterrupted
-    run does. It hands out keys for EpochSeeded: epoch * size + index."""
+def seed_of(seed: int, key: int) -> int:
+    """The random seed of one epoch (or one image of one) of a run seeded with `seed`."""
+    return (seed * 1_000_003 + key) % 2**63
 
-    def __init__(self, size: int, epoch):
-        self.size, self.epoch = size, epoch  # epoch: a function, read when each epoch starts
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A random order of the dataset's images that depends on the run's seed and the epoch alone, not
+    on how the run got there, so a run resumed from a checkpoint sees each epoch's images in the
+    order an uninterrupted run does. It hands out keys for EpochSeeded: epoch * size + index."""
+
+    def __init__(self, size: int, epoch, seed: int = 0):
+        self.size, self.epoch, self.seed = size, epoch, seed  # epoch: a function, read when each epoch starts
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self):
         epoch = self.epoch()
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch))
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed_of(self.seed, epoch)))
         return iter((epoch * self.size + order).tolist())
 
 
@@ -590,7 +596,7 @@ class EpochSeeded(Dataset):
 
     def __getitem__(self, key: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + key) % 2**63)
+            torch.manual_seed(seed_of(self.seed, key))
             return self.dataset[key % len(self.dataset)]
 
 

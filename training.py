@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from architecture import NUM_CLASSES, WIDTHS, FaceNN, convnext_baseline, train_flops
 from cli import UserError, pick_device
-from data import KAGGLE_MEAN, KAGGLE_STD
+from data import KAGGLE_MEAN, KAGGLE_STD, seed_of
 
 CHECKPOINT_HELP = "expected a .ckpt written by run_training.py"
 
@@ -329,7 +329,7 @@ class EpochSeed(L.Callback):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer, pl_module):
-        torch.manual_seed((self.seed * 1_000_003 + trainer.current_epoch) % 2**63)
+        torch.manual_seed(seed_of(self.seed, trainer.current_epoch))
 
 
 def images_in(batch) -> int:

@@ -270,3 +270,14 @@ def test_the_demo_replaces_a_demo_run_only(tiny_faces, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="already holds a run"):
         demo(out)
     assert (out / "last.ckpt").read_bytes() == before
+
+
+def test_the_data_order_follows_the_seed_as_well_as_the_epoch(tiny_faces):
+    def order(seed):
+        module = FaceDataModule(tiny_faces, batch_size=8, num_workers=0, seed=seed)
+        module.setup("fit")
+        return list(module.train_dataloader().sampler)
+
+    assert order(0) == order(0) and sorted(order(0)) == sorted(order(1))
+    assert order(0) != order(1)
+
