@@ -104,6 +104,19 @@ def overlaps(output: Path, kept: Path) -> bool:
 
 
 @contextmanager
+def atomic_write(path: Path, mode: str = "w"):
+    """An open file beside `path` that replaces it only once written whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, mode, newline="" if "b" not in mode else None) as f:
+            yield f
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextmanager
 def folder_lock(folder: Path, what: str):
     """Exclusive use of `folder` while the block runs, or a one-line refusal while another process
     has it. The lock is the kernel's, on the folder itself (no lock file): it goes when its holder

@@ -21,7 +21,6 @@ interrupted run leaves an earlier file as it was.
 import argparse
 import csv
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from torchmetrics.functional.classification import (binary_auroc, binary_roc, bi
                                                     multiclass_accuracy)
 from tqdm import tqdm
 
-from cli import ArgumentParser, at_least, check_outputs, finite_float, keep_freed_memory, run
+from cli import ArgumentParser, at_least, atomic_write, check_outputs, finite_float, keep_freed_memory, run
 from data import (DEFAULT_WORKERS, NO_MATCH, DataError, FaceFolder, TestImages, collate_same_size, eval_transform,
                   identity_folders)
 from training import FaceClassifier, load_model, read_checkpoint
@@ -120,19 +119,6 @@ def check_text(names, out: Path, lines: bool = False) -> None:
             raise DataError(f"{name!r}: not a valid UTF-8 name, so {out} cannot hold it (rename it)") from None
         if lines and ("\n" in name or "\r" in name):
             raise DataError(f"{name!r}: has a line break, so {out} (one name a line) cannot hold it (rename it)")
-
-
-@contextmanager
-def atomic_write(path: Path, mode: str = "w"):
-    """An open file beside `path` that replaces it only once written whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with open(partial, mode, newline="" if "b" not in mode else None) as f:
-            yield f
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def write_csv(path: Path, rows) -> None:

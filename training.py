@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from architecture import NUM_CLASSES, WIDTHS, FaceNN, convnext_baseline, train_flops
-from cli import UserError, pick_device
+from cli import UserError, atomic_write, pick_device
 from data import KAGGLE_MEAN, KAGGLE_STD, seed_of
 
 CHECKPOINT_HELP = "expected a .ckpt written by run_training.py"
@@ -428,12 +428,10 @@ class KeepingWriter(ExperimentWriter):
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as f:
             rows = list(csv.DictReader(f))
-        partial = f"{self.metrics_file_path}.partial"
-        with open(partial, "w", newline="") as f:
+        with atomic_write(Path(self.metrics_file_path)) as f:
             writer = csv.DictWriter(f, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(partial, self.metrics_file_path)
 
 
 def epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:

@@ -670,7 +670,7 @@ torch_io._atomic_save = half_save
 import errno, pathlib, torch
 replace = pathlib.Path.replace
 def failing_replace(self, target):
-    if self.name.endswith(".partial") and torch.load(self, map_location="cpu", weights_only=False)["epoch"] >= 1:
+    if self.name.endswith(".ckpt.partial") and torch.load(self, map_location="cpu", weights_only=False)["epoch"] >= 1:
         raise OSError(errno.ENOSPC, "No space left on device", str(self), None, str(target))
     return replace(self, target)
 pathlib.Path.replace = failing_replace
