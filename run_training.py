@@ -343,7 +343,7 @@ def check_trainable(args, data: FaceDataModule, model: FaceClassifier, world: in
 
 def clear_earlier_run(out: Path) -> None:
     """A new run's --out holds no earlier run's files: they go only once the new run is ready to
-    start (with --overwrite; otherwise there is no checkpoint to lose)."""
+    start (with --overwrite, or a demo's earlier run; otherwise there is no checkpoint to lose)."""
     for path in [*out.glob("*.ckpt"), out / "metrics.csv", out / "hparams.yaml"]:
         path.unlink(missing_ok=True)
 
@@ -389,6 +389,9 @@ def train(args) -> int:
     if resumed is not None and (reason := nothing_left(args, resumed, args.resume_from)):
         print(reason)
         return 0
+    if resumed is not None and args.warmup_epochs >= args.epochs:
+        raise UserError(f"--epochs {args.epochs} ends within {args.resume_from}'s warm-up of {args.warmup_epochs} "
+                        "epochs, so the run would not anneal (give --epochs above it)")
     model.example_input_array = torch.zeros(1, *data.train_dataset[0][0].shape)  # the summary's shapes and FLOPs
     # leave a core to each data worker (oversubscribed cores thrash), unless OMP_NUM_THREADS decides
     if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -426,7 +429,7 @@ def train(args) -> int:
         + schedule_summary(model.hparams)
         + (f"\nresuming {args.resume_from} at epoch {resumed['epoch'] + 1} of {args.epochs}" if resumed else "")
     )
-    if resumed is None:  # --overwrite, or what a run left that stopped before its first checkpoint
+    if resumed is None:  # --overwrite, a demo's earlier run, or what a run left before its first checkpoint
         clear_earlier_run(args.out)
     if args.compile:  # the network alone: in place, so the checkpoint's keys stay those of the plain model
         model.model.compile()

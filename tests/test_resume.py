@@ -281,3 +281,12 @@ def test_the_data_order_follows_the_seed_as_well_as_the_epoch(tiny_faces):
     assert order(0) == order(0) and sorted(order(0)) == sorted(order(1))
     assert order(0) != order(1)
 
+
+def test_resuming_into_less_than_the_runs_warm_up_is_refused(tiny_faces, tmp_path, watch):
+    out = tmp_path / "run"
+    watch.stop_at = 4  # the start of epoch 1 of 12, warm-up 4
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_faces, out, "--epochs", "12", "--warmup-epochs", "4")
+    watch.stop_at = None
+    with pytest.raises(UserError, match="--epochs 3 ends within .* warm-up of 4 epochs"):
+        train(tiny_faces, out, "--resume", "--epochs", "3")
