@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
@@ -385,18 +386,29 @@ def collate_same_size(batch):
 
 def read_encoded(path) -> torch.Tensor:
     """For decoding on the device: a JPEG's bytes as a 1-D uint8 tensor, once its header is read
-    (a file that is no JPEG, or over the size limit, fails here); any other image decoded on the
-    CPU as load_image does."""
+    (a file that is no JPEG, or over the size limit, fails here); any other image, and a CMYK JPEG
+    (whose colours nvjpeg need not convert as libjpeg does), decoded on the CPU as load_image does."""
     data = Path(path).read_bytes()
-    if read_header(data).format == "JPEG":
+    header = read_header(data)
+    if header.format == "JPEG" and header.mode != "CMYK":
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return decode_image(data)
 
 
-def collate_encoded(batch):
-    """(list of JPEG bytes or decoded images, targets, paths): decoded together on the device."""
+class EncodedBatch(NamedTuple):
+    """A train batch for decoding on the device: JPEG bytes (1-D uint8) or images the workers
+    decoded, their targets, and their paths (to name a file that fails). Its own type, so that the
+    data module's hooks decode these batches and pass every other (dev batches, the model summary's
+    example input) as they are."""
+
+    images: list[torch.Tensor]
+    targets: torch.Tensor
+    paths: list[str]
+
+
+def collate_encoded(batch) -> EncodedBatch:
     images, targets, paths = zip(*batch)
-    return list(images), torch.tensor(targets), list(paths)
+    return EncodedBatch(list(images), torch.tensor(targets), list(paths))
 
 
 def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.device, image_size: int | None,
@@ -409,14 +421,17 @@ def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.dev
     decoded = {i: image.to(device, non_blocking=True) for i, image in enumerate(images) if image.ndim == 3}
     try:
         decoded |= dict(zip(jpegs, decode_jpeg([images[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)))
-    except RuntimeError:
+    except RuntimeError:  # one at a time: a JPEG the device refuses is decoded on the CPU, as a CPU run would
         for i in jpegs:
             try:
                 decoded[i] = decode_jpeg(images[i], mode=ImageReadMode.RGB, device=device)
-            except RuntimeError as error:
-                if paths[i] not in skipped:
-                    skipped.add(paths[i])
-                    warnings.warn(f"skipping unreadable image {paths[i]}: JPEG data is damaged: {str(error).rpartition(', ')[2]}")
+            except RuntimeError:
+                try:
+                    decoded[i] = decode_image(images[i].numpy().tobytes()).to(device, non_blocking=True)
+                except DECODE_ERRORS as error:
+                    if paths[i] not in skipped:
+                        skipped.add(paths[i])
+                        warnings.warn(f"skipping unreadable image {paths[i]}: {error}")
     kept = sorted(decoded)
     if not kept:
         raise DataError(f"{paths[0]}: none of the {len(paths)} images of a batch can be read (expected JPEG/PNG)")
@@ -513,17 +528,22 @@ class FaceDataModule(L.LightningDataModule):
         self.class_names = class_names
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if self.batch_augment is None or not self.trainer.training:
+        """An EncodedBatch is decoded, resized and augmented where the model is; any other batch
+        goes as it is."""
+        if not isinstance(batch, EncodedBatch):
             return batch
-        images, targets, paths = batch
-        images, kept = decode_batch(images, paths, self.trainer.strategy.root_device, self.hparams.image_size, self.skipped)
-        return images, targets[kept]
+        device = self.trainer.strategy.root_device
+        images, kept = decode_batch(batch.images, batch.paths, device, self.hparams.image_size, self.skipped)
+        return self.batch_augment.to(device)(images), batch.targets[kept]
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.batch_augment is None or not self.trainer.training:
-            return batch
-        images, labels = batch
-        return self.batch_augment.to(images.device)(images), labels
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the network's input: the resize, or the first train image's
+        size as stored."""
+        if self.hparams.image_size:
+            return 3, self.hparams.image_size, self.hparams.image_size
+        image = self.train_dataset[0][0]
+        return tuple((decode_image(image.numpy().tobytes()) if image.ndim == 1 else image).shape)
 
     def _loader(self, dataset, sampler=None, drop_last: bool = False, collate_fn=collate_same_size) -> DataLoader:
         return DataLoader(

@@ -11,6 +11,7 @@ Writes into --out: last.ckpt, best.ckpt (best dev accuracy), metrics.csv, curves
 """
 
 import argparse
+import importlib.util
 import inspect
 import math
 import os
@@ -112,6 +113,9 @@ def parse_args(argv=None):
         args.label_smoothing = args.label_smoothing if "label_smoothing" in args.given else 0.0
     elif args.margin is not None:
         p.error("--margin is for --loss arcface or cosface")
+    if args.wandb != "off" and importlib.util.find_spec("wandb") is None:
+        p.error(f"--wandb {args.wandb} needs the wandb package (pip install wandb, as requirements.txt pins it), "
+                "or pass --wandb off")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite replaces it: pick one")
     if args.resume and args.resume != "last" and "out" not in args.given:
@@ -392,7 +396,7 @@ def train(args) -> int:
     if resumed is not None and args.warmup_epochs >= args.epochs:
         raise UserError(f"--epochs {args.epochs} ends within {args.resume_from}'s warm-up of {args.warmup_epochs} "
                         "epochs, so the run would not anneal (give --epochs above it)")
-    model.example_input_array = torch.zeros(1, *data.train_dataset[0][0].shape)  # the summary's shapes and FLOPs
+    model.example_input_array = torch.zeros(1, *data.image_shape)  # the summary's shapes and FLOPs
     # leave a core to each data worker (oversubscribed cores thrash), unless OMP_NUM_THREADS decides
     if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - data.num_workers))
@@ -425,7 +429,8 @@ def train(args) -> int:
         f"data: {len(data.train_dataset):,} train images, "
         + (f"{len(data.val_dataset):,} dev images, " if validate else "dev merged into train (--full), ")
         + f"{data.num_classes:,} identities | batch {args.batch_size} per device, {args.batch_size * world} global"
-        + f" | {data.num_workers} data workers per device\n"
+        + f" | {data.num_workers} data workers per device"
+        + (", decoding and augmenting on the device\n" if data.hparams.augment_on_device else "\n")
         + schedule_summary(model.hparams)
         + (f"\nresuming {args.resume_from} at epoch {resumed['epoch'] + 1} of {args.epochs}" if resumed else "")
     )

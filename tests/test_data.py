@@ -24,6 +24,7 @@ from data import (
     KAGGLE_STD,
     BatchAugment,
     DataError,
+    EncodedBatch,
     FaceDataModule,
     TestImages,
     adjust_brightness,
@@ -31,6 +32,7 @@ from data import (
     adjust_hue,
     adjust_saturation,
     compute_mean_std,
+    decode_batch,
     eval_transform,
     load_image,
     main,
@@ -550,12 +552,12 @@ def test_augment_on_device_reads_bytes_decodes_after_the_workers_and_skips_damag
     assert images[paths.index(str(png))].shape == (3, 40, 40)
     module.trainer = FakeTrainer()
     with pytest.warns(UserWarning, match=re.escape(f"skipping unreadable image {truncated}: JPEG data is damaged")):
-        decoded, kept_targets = module.on_before_batch_transfer((images, targets, paths), 0)
+        augmented, kept_targets = module.on_before_batch_transfer(EncodedBatch(images, targets, paths), 0)
     kept = 16 - paths.count(str(truncated))  # a file the workers skipped is replaced by the next, maybe this one
-    assert decoded.dtype == torch.uint8 and decoded.shape == (kept, 3, 32, 32) and len(kept_targets) == kept
+    assert augmented.dtype == torch.float32 and augmented.shape == (kept, 3, 32, 32) and len(kept_targets) == kept
     assert module.skipped == {str(truncated)}
-    augmented, same_targets = module.on_after_batch_transfer((decoded, kept_targets), 0)
-    assert augmented.dtype == torch.float32 and augmented.shape == decoded.shape and same_targets is kept_targets
+    example = torch.zeros(1, 3, 32, 32)  # any other batch (the model summary's example input) goes as it is
+    assert module.on_before_batch_transfer(example, 0) is example
     val_images, _ = next(iter(module.val_dataloader()))
     assert val_images.dtype == torch.float32  # evaluation still decodes and normalises on the CPU
 
@@ -563,8 +565,8 @@ def test_augment_on_device_reads_bytes_decodes_after_the_workers_and_skips_damag
 def test_decoded_on_device_equals_decoded_by_the_workers(data_dir):
     module = datamodule(data_dir, batch_size=12, augment_on_device=True)
     module.trainer = FakeTrainer()
-    images, targets, paths = next(iter(module.train_dataloader()))
-    decoded, _ = module.on_before_batch_transfer((images, targets, paths), 0)
+    images, _, paths = next(iter(module.train_dataloader()))
+    decoded, _ = decode_batch(images, paths, torch.device("cpu"), None, set())
     assert torch.equal(decoded, torch.stack([load_image(path) for path in paths]))
 
 
