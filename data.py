@@ -420,7 +420,8 @@ def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.dev
     jpegs = [i for i, image in enumerate(images) if image.ndim == 1]
     decoded = {i: image.to(device, non_blocking=True) for i, image in enumerate(images) if image.ndim == 3}
     try:
-        decoded |= dict(zip(jpegs, decode_jpeg([images[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)))
+        if jpegs:  # a batch of PNGs (decoded by the workers) has none: decode_jpeg refuses an empty list
+            decoded |= dict(zip(jpegs, decode_jpeg([images[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)))
     except RuntimeError:  # one at a time: a JPEG the device refuses is decoded on the CPU, as a CPU run would
         for i in jpegs:
             try:
