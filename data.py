@@ -6,12 +6,18 @@ Layout (Kaggle 11-785-f23-hw2p2-classification, and what synthetic_faces.py writ
     DIR/test/*.jpg               unlabelled (flat, or one level of subfolders)
 
 Problems with the data are a DataError: one line naming the path and what was expected.
-Run `python data.py stats DIR/train` to measure the normalisation mean/std of another data set.
+Run `python data.py stats DIR/train` to measure the normalisation mean/std of another data set, and
+`python data.py split SRC DIR` to lay out any folder of identity folders (SRC/<person>/*.jpg, LFW's
+images/ say) as above, with DIR/test_labels.csv (id,label) beside test/ for scoring a submission.
 """
 
+import csv
 import io
 import math
 import os
+import random
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -651,6 +657,131 @@ def compute_mean_std(train_dir, image_size: int | None = None, max_images: int |
     return tuple((pixel_sum / pixel_count).tolist()), tuple((std_sum / spread).tolist())
 
 
+SPLITS = ("train", "dev", "test")
+
+
+def split_sizes(n: int, dev: float, test: float) -> tuple[int, int, int]:
+    """(train, dev, test) image counts of an identity with n images. Dev and test each take
+    round(n * fraction), at least 1 when the fraction is above 0, and train the rest. Rounding
+    each fraction on its own is what gives the issue's LFW table (--min-images 10 --cap 60 --dev
+    0.2 --test 0.2: 2,080 train images of 158 people); flooring gives 2,184, ceiling 1,956, and
+    rounding the cumulative 40% (dev + test together) 2,074."""
+    n_dev = max(1, round(n * dev)) if dev > 0 else 0
+    n_test = max(1, round(n * test)) if test > 0 else 0
+    return n - n_dev - n_test, n_dev, n_test
+
+
+def check_split_settings(min_images: int, cap: int | None, dev: float, test: float) -> None:
+    """Refuse settings that would leave some kept identity without a train image, before any file
+    is read. Identities keep min(images, cap) >= min(min_images, cap) images; past 3 / (1 - dev -
+    test) images train always gets some (dev and test each take at most n * fraction + 1)."""
+    if not (0 <= dev < 1 and 0 <= test < 1 and dev + test < 1):
+        raise UserError(f"--dev {dev} and --test {test} leave nothing for train (expected fractions summing under 1)")
+    low = min(min_images, cap) if cap else min_images
+    high = cap if cap else max(low, math.ceil(3 / (1 - dev - test)))
+    bad = [n for n in range(low, high + 1) if split_sizes(n, dev, test)[0] < 1]
+    if bad:
+        flags = "--min-images and --cap" if cap and bad[-1] >= cap else "--min-images"
+        raise UserError(f"an identity of {bad[0]} images would get no train image with --dev {dev} --test {test} (each "
+                        f"takes round(n * fraction), at least 1): use {flags} {bad[-1] + 1} or more, or smaller fractions")
+
+
+def plan_split(src, min_images: int = 3, cap: int | None = None, dev: float = 0.2, test: float = 0.2,
+               seed: int = 0) -> tuple[dict, list, int]:
+    """Which images of src/<identity>/ go to which split, writing nothing: ({split: {identity:
+    [paths]}}, the unreadable files as (path, error), the identities left out for having fewer
+    than min_images readable images).
+
+    Each identity's image files (by extension; hidden ones left out) are decoded in full, so a
+    truncated file is found here and not in the middle of training; an identity with too few files
+    to be kept is not read at all. Its readable images, sorted by name, are shuffled by a generator
+    seeded with (seed, identity), so the split depends on neither the listing order of the file
+    system nor on the other identities; the first `cap` are kept and cut by split_sizes: train
+    first, then dev, then test."""
+    src = Path(src)
+    splits, unreadable, dropped = {split: {} for split in SPLITS}, [], 0
+    for identity in tqdm(identity_folders(src), desc=f"reading {src}", unit="identity", disable=None):
+        files = sorted(path for path in visible(src / identity)
+                       if path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS))
+        readable = []
+        for path in files if len(files) >= min_images else []:
+            try:
+                load_image(path)
+                readable.append(path)
+            except DECODE_ERRORS as error:
+                unreadable.append((path, error))
+        if len(readable) < min_images:
+            dropped += 1
+            continue
+        random.Random(f"{seed} {identity}").shuffle(readable)  # a str seed is hashed by SHA-512: stable everywhere
+        readable = readable[:cap]
+        n_train, n_dev, _ = split_sizes(len(readable), dev, test)
+        cuts = {"train": readable[:n_train], "dev": readable[n_train:n_train + n_dev], "test": readable[n_train + n_dev:]}
+        for split, paths in cuts.items():
+            if paths:
+                splits[split][identity] = paths
+    return splits, unreadable, dropped
+
+
+def flat_test_names(splits: dict) -> dict[Path, str]:
+    """The flat test/ file name of each test image: its own name, or <identity>_<name> for every
+    one of them when two identities hold images of the same name (a submission's ids are the file
+    names, so they must be unique)."""
+    names = [path.name for split in splits.values() for paths in split.values() for path in paths]
+    shared = len(set(names)) < len(names)  # decided on all images, so it does not change with the seed
+    test = {path: f"{identity}_{path.name}" if shared else path.name
+            for identity, paths in splits["test"].items() for path in paths}
+    if len(set(test.values())) < len(test):
+        first, second = sorted(test, key=test.get)[:2]
+        raise DataError(f"{second}: test name {test[second]} is also {first}'s (expected unique file names: rename one)")
+    return test
+
+
+def split_identities(src, out, min_images: int = 3, cap: int | None = None, dev: float = 0.2, test: float = 0.2,
+                     seed: int = 0, link: bool = False) -> dict:
+    """Writes plan_split's split of src into out: out/train/<identity>/, out/dev/<identity>/, a flat
+    out/test/ and out/test_labels.csv (id,label, as synthetic_faces.py writes it), copies or with
+    link=True symlinks. out must be new or empty: the set is written into a hidden sibling and
+    renamed into place, so an interrupted split leaves nothing behind. Returns the counts."""
+    src, out = Path(src), Path(out)
+    check_split_settings(min_images, cap, dev, test)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: not empty (expected a new or empty folder: split writes over nothing)")
+    if out.resolve().is_relative_to(src.resolve()):
+        raise UserError(f"{out}: inside {src}, where it would be read as an identity (expected a folder outside it)")
+    splits, unreadable, dropped = plan_split(src, min_images, cap, dev, test, seed)
+    if unreadable:
+        named = "; ".join(f"{path} ({error})" for path, error in unreadable[:3])
+        warnings.warn(f"{src}: {len(unreadable)} unreadable files left out of every split: {named}"
+                      f"{'; ...' if len(unreadable) > 3 else ''}")
+    if not splits["train"]:
+        raise DataError(f"{src}: no identity has {min_images} readable images (expected some, or a lower --min-images)")
+    names = flat_test_names(splits)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        partial.chmod(0o755)  # mkdtemp's folder is the owner's alone
+        place = (lambda source, target: target.symlink_to(source.resolve())) if link else shutil.copyfile
+        for identity in tqdm(splits["train"], desc=f"writing {out}", unit="identity", disable=None):
+            for split in ("train", "dev"):
+                for path in splits[split].get(identity, []):
+                    (partial / split / identity).mkdir(parents=True, exist_ok=True)
+                    place(path, partial / split / identity / path.name)
+            for path in splits["test"].get(identity, []):
+                (partial / "test").mkdir(exist_ok=True)
+                place(path, partial / "test" / names[path])
+        if names:
+            rows = sorted((name, path.parent.name) for path, name in names.items())
+            with open(partial / "test_labels.csv", "w", newline="") as f:
+                csv.writer(f).writerows([("id", "label"), *rows])
+        partial.rename(out)  # replaces an empty folder, never a non-empty one
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # removes links, never what they point to
+        raise
+    counts = {split: sum(map(len, splits[split].values())) for split in SPLITS}
+    return dict(identities=len(splits["train"]), **counts, dropped=dropped, unreadable=len(unreadable))
+
+
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -659,7 +790,38 @@ def main(argv=None) -> int:
     stats.add_argument("--image-size", type=at_least(1), help="resize to N x N first, as training would")
     stats.add_argument("--max-images", type=at_least(1), help="use N images spread over the split")
     stats.add_argument("--num-workers", type=at_least(0), default=DEFAULT_WORKERS)
+    split = commands.add_parser(
+        "split", help="lay out a folder of identity folders as train/dev/test",
+        description="Splits SRC/<identity>/*.jpg (LFW's images/, say) into OUT/train/<identity>/, "
+        "OUT/dev/<identity>/, a flat OUT/test/ and OUT/test_labels.csv (id,label; beside test/, not in it, "
+        "for predict.py evaluate --labels). Every image goes to one split and every kept identity to each "
+        "of them; unreadable files are named and left out. OUT must be new or empty.")
+    split.add_argument("src", metavar="SRC", type=Path, help="a folder of identity folders, SRC/<identity>/*.jpg")
+    split.add_argument("out", metavar="OUT", type=Path, help="the new (or empty) folder to write")
+    split.add_argument("--min-images", type=at_least(1), default=3, metavar="K",
+                       help="keep identities with at least K readable images (default 3: one per split)")
+    split.add_argument("--cap", type=at_least(1), metavar="N",
+                       help="at most N images per identity: the first N of its seeded shuffle")
+    split.add_argument("--dev", type=at_least(0, float), default=0.2, metavar="F",
+                       help="each identity's share for dev, round(n * F) and at least 1 (0: no dev/; train with --full)")
+    split.add_argument("--test", type=at_least(0, float), default=0.2, metavar="F",
+                       help="the same for test/, whose file names are the submission's ids: when two identities "
+                       "hold files of the same name, every test file is named <identity>_<name>")
+    split.add_argument("--seed", type=int, default=0,
+                       help="each identity's images, sorted by name, are shuffled with (seed, identity): "
+                       "the same seed gives the same split")
+    split.add_argument("--link", action="store_true",
+                       help="symlink the images instead of copying them: no extra disk, but OUT then needs SRC "
+                       "where it is (symlinks, not hard links: they cross file systems and show their source)")
     args = parser.parse_args(argv)
+    if args.command == "split":
+        counts = split_identities(args.src, args.out, args.min_images, args.cap, args.dev, args.test, args.seed,
+                                  args.link)
+        print(f"{args.out}: {counts['identities']} identities; {counts['train']} train, {counts['dev']} dev, "
+              f"{counts['test']} test images ({'linked' if args.link else 'copied'} from {args.src}); skipped "
+              f"{counts['dropped']} identities with under {args.min_images} readable images, "
+              f"{counts['unreadable']} unreadable files")
+        return 0
     mean, std = compute_mean_std(args.train_dir, args.image_size, args.max_images, args.num_workers)
     print("mean", tuple(round(value, 4) for value in mean))
     print("std", tuple(round(value, 4) for value in std))
