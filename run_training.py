@@ -5,6 +5,7 @@
     python run_training.py --resume               # continue checkpoint/last.ckpt
     python run_training.py --demo                 # synthetic faces, CPU, a few minutes
     python run_training.py --loss arcface --init-from checkpoint/best.ckpt --epochs 10 --out checkpoint/arcface
+    python run_training.py --data-dir my_people --init-from checkpoint/best.ckpt --epochs 10 --out checkpoint/mine
 
 Writes into --out: last.ckpt, best.ckpt (best dev accuracy), metrics.csv, curves.png and, with
 --wandb, an offline or online wandb run.
@@ -149,8 +150,9 @@ def parser() -> ArgumentParser:
                         + ", ".join(f"{loss} {m}" for loss, m in MARGINS.items()))
     p.add_argument("--scale", type=at_least(1e-3, float), default=RECIPE["scale"], help="of a margin loss's cosine logits")
     p.add_argument("--init-from", type=Path, metavar="CKPT",
-                   help="start from this checkpoint's weights (same identities and architecture flags), with a new "
-                        "optimiser and schedule; a head of another --loss starts fresh")
+                   help="start from this checkpoint's weights (same architecture flags), with a new optimiser and "
+                        "schedule; a head of another --loss starts fresh, and so does the classifier if CKPT was "
+                        "trained on other identities (fine-tuning a face model to other people)")
     regularisers = p.add_argument_group("regularisers beyond the original's recipe (all off by default)")
     regularisers.add_argument("--ema", type=below_one, metavar="DECAY",
                               help="validate, checkpoint and finish with an exponential moving average of the weights, "
@@ -234,9 +236,10 @@ def build_model(args, data: FaceDataModule, resumed: FaceClassifier | None = Non
         )
         if args.init_from:  # fine-tuning: another run's weights, this run's optimiser and schedule
             try:
-                model.init_from(model_from_checkpoint(args.init_from, read_checkpoint(args.init_from)))
+                kept = model.init_from(model_from_checkpoint(args.init_from, read_checkpoint(args.init_from)))
             except ValueError as error:
                 raise UserError(f"--init-from {args.init_from}: {error}") from error
+            rank_zero_info(f"--init-from {args.init_from}: {kept}")
     if args.recompute_gelu:  # memory for time, not architecture: for this run only, fresh or resumed
         blocks = [block for block in model.modules() if isinstance(block, ConvNeXtBlock)]
         if not blocks:

@@ -7,6 +7,7 @@ normalisation, and the checkpoint carries the class mapping (index -> identity f
 """
 
 import csv
+import inspect
 import math
 import os
 import time
@@ -263,19 +264,62 @@ class FaceClassifier(L.LightningModule):
             return []
         return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
 
-    def init_from(self, source: "FaceClassifier") -> None:
-        """Start from the weights of `source` (same network and identities): all of them, but a head
-        of another loss, which stays as initialised (cross-entropy, then margin fine-tuning)."""
-        if source.class_names != self.class_names:
-            raise ValueError("it was trained on other identities")
+    def init_from(self, source: "FaceClassifier") -> str:
+        """Start from the weights of `source`, of the same network: all of them, but a head of another
+        loss (cross-entropy, then margin fine-tuning) and, if `source` was trained on other identities,
+        its layer with one output per identity: those stay as initialised, so that a face model
+        fine-tunes to other people. Returns what was kept, in words, for the run's log."""
+        if difference := self.network_difference(source):
+            raise ValueError(f"its network differs from this one: {difference}")
+        other_people = source.class_names != self.class_names
+        weights = source.state_dict()
+        if other_people:
+            weights = {key: value for key, value in weights.items() if not key.startswith(source.classes_layer())}
         heads = ("margin_head.", f"model.{CLASSIFIERS[self.hparams.backbone]}.")
         try:
-            missing, unexpected = self.load_state_dict(source.state_dict(), strict=False)
-        except RuntimeError as error:  # a tensor of another shape
+            missing, unexpected = self.load_state_dict(weights, strict=False)
+        except RuntimeError as error:  # a tensor of another shape, which network_difference missed
             raise ValueError("its network differs from this one (pass the same --backbone, --stem, --head-layers, "
                              "--widths and --depths)") from error
         if off := [key for key in missing + unexpected if not key.startswith(heads)]:
             raise ValueError(f"its network differs from this one ({off[0]}; pass the same architecture flags)")
+        if not missing:
+            return f"all weights kept, classifier included (the same {len(self.class_names)} identities)"
+        new = "classifier" if self.margin_head is None else f"{self.hparams.loss} head"
+        if any(not key.startswith(self.classes_layer()) for key in missing):
+            new = "head (hidden layer and classifier)"
+        if other_people:
+            return (f"network kept, new {new} for {len(self.class_names)} identities "
+                    f"(it was trained on {len(source.class_names)} others)")
+        return f"network kept, new {new} (it was trained with --loss {source.hparams.loss})"
+
+    def classes_layer(self) -> str:
+        """The state-dict prefix of the layer with one output per identity: the margin head, or the
+        classifier's last Linear (after the head's hidden layer, where it has one)."""
+        if self.margin_head is not None:
+            return "margin_head."
+        path = CLASSIFIERS[self.hparams.backbone]
+        classifier = self.model.get_submodule(path)
+        last = [name for name, module in classifier.named_modules() if isinstance(module, nn.Linear)][-1]
+        return ".".join(filter(None, ["model", path, last])) + "."
+
+    def network_difference(self, source: "FaceClassifier") -> str | None:
+        """The first architecture flag whose value in `source` gives other weights than here, in
+        words, or None. Stochastic depth has no weights, and a margin head none of the head's layers."""
+        settings = []
+        for model in (source, self):
+            hp = model.hparams
+            defaults = {name: p.default for name, p in inspect.signature(BACKBONES[hp.backbone]).parameters.items()}
+            settings.append({"backbone": hp.backbone, **defaults, **(hp.architecture or {})})
+        ignored = {"num_classes", "drop_path", "recompute_gelu"}
+        if source.margin_head is not None or self.margin_head is not None:
+            ignored.add("head_layers")
+        for name in [name for name in settings[0] if name not in ignored]:  # the backbone first
+            theirs, ours = (flag_value(setting.get(name)) for setting in settings)
+            if theirs != ours:
+                option = "--" + name.replace("_", "-")
+                return f"it has {option} {theirs}, this run {ours} (pass {option} {theirs})"
+        return None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_diverged()  # no checkpoint holds the weights of a diverged run
@@ -283,6 +327,11 @@ class FaceClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.class_names = checkpoint["class_names"]
+
+
+def flag_value(value) -> str:
+    """A setting as its command-line flag takes it: 8,16,24,32 for a list."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def read_checkpoint(path) -> dict:

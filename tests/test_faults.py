@@ -548,9 +548,12 @@ def test_resume_on_other_identities_is_refused(commands, trained_run, other_iden
     assert_kept(before)
 
 
-def test_init_from_a_run_on_other_identities_is_refused(commands, trained_run, other_identities, tmp_path):
-    result = train(commands, other_identities, tmp_path / "out", "--loss", "arcface", "--init-from", trained_run / "best.ckpt")
-    error_line(result, "best.ckpt: it was trained on other identities")
+def test_init_from_another_network_is_refused_on_other_identities_too(commands, trained_run, other_identities, tmp_path):
+    """Other identities start a new classifier; another network is still refused, naming the flag."""
+    result = train(commands, other_identities, tmp_path / "out", "--loss", "arcface", "--init-from", trained_run / "best.ckpt",
+                   "--widths", "8,16,24,48")
+    error_line(result, "best.ckpt: its network differs from this one: it has --widths 8,16,24,32, this run 8,16,24,48")
+    assert not (tmp_path / "out" / "last.ckpt").exists()
 
 
 def test_evaluate_on_identities_the_checkpoint_lacks_is_refused(commands, trained_run, other_identities):
