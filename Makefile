@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install demo test gpu-check gpu-check-dry
+.PHONY: install demo test test-gpu-versions gpu-check gpu-check-dry
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,17 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest
+
+# The suite under the GPU machine's versions (requirements-gpu.txt: torch 2.11, no wandb, no nbmake),
+# in a venv of its own, the notebooks left out: code that passes here runs there.
+GPU_VENV ?= .venv-gpu
+test-gpu-versions: $(GPU_VENV)/.installed
+	$(GPU_VENV)/bin/python -m pytest -o addopts="-ra --durations=15" tests
+
+$(GPU_VENV)/.installed: requirements-gpu.txt
+	python3 -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -r requirements-gpu.txt
+	touch $@
 
 # On a GPU machine, with that machine's own python and nothing installed (docs/gpu.md):
 #   make gpu-check PYTHON=python3 [GPU_CHECK_FLAGS="--report PATH --budget SECONDS"]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import run_training
 from cli import ArgumentParser
 from training import epoch_metrics
 
@@ -57,7 +58,7 @@ SETTINGS = {
         pytest=["-m", "cuda"], pytest_s=60,
         bench=["--device", "cpu", "--quick"], bench_s=90,
         faces=dict(identities=4, train_per_identity=8, dev_per_identity=1, image_size=32), faces_s=60,
-        train=["--batch-size", "8", "--epochs", "2", "--accelerator", "cpu", "--num-workers", "0",
+        train=["--batch-size", "8", "--epochs", "2", "--accelerator", "cpu", "--num-workers", "1",
                "--widths", "8,16,24,32", "--depths", "1,1,1,1"], run_s=90, compiled_run_s=90,
         budget_s=400,
     ),
@@ -208,6 +209,8 @@ def training_runs(check: Check, data: Path | None) -> None:
         if check.dry and "--compile" in flags:  # inductor would compile for minutes on a small CPU
             flags = [flag for flag in flags if flag != "--compile"]
             name += " (dry: without --compile)"
+        if check.dry:
+            flags = as_on_a_gpu(flags)
         if data is None:
             check.record(f"train: {name}", "not run: no data set", 0.0, "")
             continue
@@ -229,6 +232,14 @@ def training_runs(check: Check, data: Path | None) -> None:
         "| run | flags | data workers | img/s, first epoch | img/s, later epochs | TFLOP/s, later epochs "
         "| peak memory GB | status |\n|---|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(row["line"] for row in rows) + "\n")
     check.sections.append(goals(rows))
+
+
+def as_on_a_gpu(flags: list[str]) -> list[str]:
+    """A row's flags with the data path that `--augment-on-device auto` takes on a GPU made explicit,
+    so that the dry run on the CPU rehearses the path of the real check, not the CPU's."""
+    args = run_training.parse_args(["--wandb", "off", *flags])
+    on = run_training.augment_on_device(args.augment_on_device, "cuda", run_training.cpu_augmentation(args))
+    return [*flags, "--augment-on-device", "on" if on else "off"]
 
 
 def run_row(name: str, flags: list[str], status: str, output: str, metrics_csv: Path) -> dict:

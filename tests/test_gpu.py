@@ -12,8 +12,9 @@ import torch
 
 import predict
 import run_training
-from data import BatchAugment, FaceDataModule, TestImages
+from data import BatchAugment, FaceDataModule, TestImages, decode_batch, load_image, read_encoded
 from tests.conftest import TINY_SET
+from tests.test_gpu_path import write_kinds
 from training import FaceClassifier, ThroughputMonitor, epoch_metrics, load_model
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -89,6 +90,23 @@ def test_augmenting_on_the_gpu_equals_the_cpu_for_the_same_parameters():
     assert differ.float().mean() < 1e-3
     plain = (images.float() / 255 - augment.mean.cpu()) / augment.std.cpu()
     assert ((on_cpu - plain).abs().flatten(1).mean(1) > 0.05).all()  # every image was augmented
+
+
+def test_every_image_kind_decodes_on_the_gpu_as_on_the_cpu(tmp_path):
+    """nvjpeg may refuse a JPEG that libjpeg decodes (or decode it otherwise): a GPU run must train on
+    every image the CPU run trains on, and skip only what the CPU skips."""
+    kinds = write_kinds(tmp_path)
+    paths = list(kinds.values())
+    skipped = set()
+    with pytest.warns(UserWarning, match="skipping unreadable image .*kind_corrupt.jpg"):
+        decoded, kept = decode_batch([read_encoded(path) for path in paths], list(map(str, paths)), torch.device("cuda"),
+                                     None, skipped)
+    assert [paths[i] for i in kept] == [path for kind, path in kinds.items() if kind != "corrupt"]
+    assert skipped == {str(kinds["corrupt"])} and decoded.device.type == "cuda"
+    for image, i in zip(decoded.cpu(), kept):
+        difference = (image.int() - load_image(paths[i]).int()).abs().float()
+        # nvjpeg's IDCT and chroma upsampling are not libjpeg's: a level or two apart, never another image
+        assert difference.mean() < 2 and difference.quantile(0.99) <= 12, (paths[i].name, difference.mean())
 
 
 def test_augmenting_on_the_gpu_never_waits_on_the_host():

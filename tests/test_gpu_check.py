@@ -27,10 +27,15 @@ def test_the_dry_check_runs_every_step_and_reports_each_run(tmp_path):
     assert re.search(r"`pytest -m cuda tests`: \d+ skipped", report)  # no GPU here
     assert "| FaceNN | channels_last | eager | " in report  # bench.py's table
     check_quick_run((tmp_path / "logs" / "bench_py.log").read_text())
-    for name in gpu_check.RUNS:
+    for name, flags in gpu_check.RUNS.items():
         row = next(line for line in report.splitlines() if line.startswith(f"| {name}"))
         workers, first, later = row.split(" | ")[2:5]
-        assert workers == "0" and float(first.replace(",", "")) > 0 and float(later.replace(",", "")) > 0, row
+        assert workers == "1" and float(first.replace(",", "")) > 0 and float(later.replace(",", "")) > 0, row
+        # each row takes the data path it takes on a GPU: auto decodes and augments on the device
+        log = (tmp_path / "logs" / re.sub(r"[^A-Za-z0-9]+", "_", f"train: {row.split(' | ')[0][2:]}").strip("_")).with_suffix(".log")
+        on_device = "--augment-on-device" not in flags
+        assert ("decoding and augmenting on the device" in log.read_text()) is on_device, row
+        assert f"--augment-on-device {'on' if on_device else 'off'}" in row.split(" | ")[1], row
 
 
 def alive(pid: int) -> bool:
