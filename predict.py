@@ -6,6 +6,7 @@ embeddings, face verification by cosine similarity, and open-set identification 
     python predict.py evaluate --submission submission.csv --labels data/test_labels.csv --checkpoint CKPT
     python predict.py embed --checkpoint CKPT --images data/verification --out emb.npy
     python predict.py verify --checkpoint CKPT --pairs V/verification_pairs.csv --images V/known --roc roc.png
+    python predict.py verify --checkpoint CKPT --lfw-pairs lfw/pairs.txt --images lfw/images [--tta]  # 10-fold accuracy
     python predict.py identify --checkpoint CKPT --known V/known --unknown V/unknown_test --out verification.csv \\
         --calibrate V/unknown_dev --labels V/verification_dev.csv
 
@@ -13,7 +14,8 @@ The checkpoint alone rebuilds the model (architecture, image size, normalisation
 none of these needs the training data. A submission's label is the class index the model was
 trained with (the identity folder's position in sorted order); --label-names writes the folder
 name instead. `identify` writes the sibling Kaggle task's submission (11-785-f23-hw2p2-verification):
-each unknown image's known identity, or n000000 when it matches none well enough; see
+each unknown image's known identity, or n000000 when it matches none well enough. `verify` names
+images by their path under --images (or file name) and reads LFW's own pairs files; see
 docs/verification.md. Every output is written beside its target and renamed into place, so a failed or
 interrupted run leaves an earlier file as it was.
 """
