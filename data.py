@@ -330,29 +330,29 @@ class TestImages(Dataset):
     (.ipynb_checkpoints) are not test images, as they are not identities in train. An unreadable
     image is a DataError naming it, because the submission needs a row for every image. With
     skip_bad=True every image is decoded up front and the unreadable ones are left out and listed
-    in `skipped`.
+    in `skipped`. With `paths` (find_images), those images in that order instead of the folder's:
+    what verify reads of a folder that may hold far more.
     """
 
     __test__ = False  # a dataset, not a pytest test class
 
-    def __init__(self, root, transform, skip_bad: bool = False):
+    def __init__(self, root, transform, skip_bad: bool = False, paths: list[Path] | None = None):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: directory not found (expected test images {root}/*.jpg)")
-        entries = visible(root)
-        entries += [entry for folder in entries if folder.is_dir() for entry in visible(folder)]
-        images = [path for path in entries if path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS)]
-        self.ignored = sorted({*entries} - {*images} - {entry for entry in entries if entry.parent == root and entry.is_dir()})
-        if self.ignored:
-            warnings.warn(f"{root}: leaving out {len(self.ignored)} entries that are not images ("
-                          f"{', '.join(map(str, self.ignored[:3]))}{', ...' if len(self.ignored) > 3 else ''}; "
-                          f"expected {', '.join(IMG_EXTENSIONS)} files)")
-        paths = sorted(images, key=lambda path: path.name)
-        if not paths:
-            raise DataError(f"{root}: no images (expected {root}/*.jpg or {root}/<folder>/*.jpg)")
-        for first, second in zip(paths, paths[1:]):
-            if first.name == second.name:
-                raise DataError(f"{second}: same name as {first} (expected unique file names: they are the ids)")
+        self.ignored: list[Path] = []
+        if paths is None:
+            images, self.ignored = image_files(root)
+            if self.ignored:
+                warnings.warn(f"{root}: leaving out {len(self.ignored)} entries that are not images ("
+                              f"{', '.join(map(str, self.ignored[:3]))}{', ...' if len(self.ignored) > 3 else ''}; "
+                              f"expected {', '.join(IMG_EXTENSIONS)} files)")
+            paths = sorted(images, key=lambda path: path.name)
+            if not paths:
+                raise DataError(f"{root}: no images (expected {root}/*.jpg or {root}/<folder>/*.jpg)")
+            for first, second in zip(paths, paths[1:]):
+                if first.name == second.name:
+                    raise DataError(f"{second}: same name as {first} (expected unique file names: they are the ids)")
         self.skipped: list[Path] = []
         if skip_bad:
             for path in tqdm(paths, desc=f"checking {root}", unit="img"):
@@ -374,6 +374,42 @@ class TestImages(Dataset):
         except DECODE_ERRORS as error:
             raise DataError(f"{path}: unreadable image ({error}); expected every test image to be readable") from error
         return self.transform(image), path.name
+
+
+def image_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(images, other entries) of a folder and of its subfolders one level down, hidden ones left
+    out: the layouts TestImages reads (its subfolders themselves are neither)."""
+    entries = visible(root)
+    entries += [entry for folder in entries if folder.is_dir() for entry in visible(folder)]
+    images = [path for path in entries if path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS)]
+    others = sorted({*entries} - {*images} - {entry for entry in entries if entry.parent == root and entry.is_dir()})
+    return images, others
+
+
+def find_images(root, names, source) -> list[Path]:
+    """The file each of `names` (in order) means under `root`: a path relative to it, identity
+    folders included (LFW's Name/Name_0001.jpg), or a bare file name that root or exactly one of its
+    subfolders holds (the flat and one-level layouts of TestImages). Only stats files, so that every
+    name is checked before any image is read: a missing one is a DataError naming the first and the
+    count, an ambiguous bare name one naming its folders; `source` is the file that names them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: directory not found (expected the images that {source} names)")
+    paths = {name: root / name for name in names}
+    if bare := [name for name, path in paths.items() if Path(name).name == name and not path.is_file()]:
+        by_name: dict[str, list[Path]] = {}
+        for path in sorted(image_files(root)[0]):
+            by_name.setdefault(path.name, []).append(path)
+        for name in bare:
+            found = by_name.get(name, [])
+            if len(found) > 1:
+                raise DataError(f"{source}: {name} is in {len(found)} folders of {root} ({found[0].parent.name}, "
+                                f"{found[1].parent.name}{', ...' if len(found) > 2 else ''}): name it as <folder>/{name}")
+            paths[name] = found[0] if found else paths[name]
+    if missing := [name for name, path in paths.items() if not path.is_file()]:
+        raise DataError(f"{source}: {missing[0]} is not an image in {root} ({len(missing)} of the {len(paths)} names "
+                        "missing; expected paths relative to it, <identity>/<file>.jpg, or file names it holds)")
+    return list(paths.values())
 
 
 def visible(folder: Path) -> list[Path]:

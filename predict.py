@@ -6,6 +6,7 @@ embeddings, face verification by cosine similarity, and open-set identification 
     python predict.py evaluate --submission submission.csv --labels data/test_labels.csv --checkpoint CKPT
     python predict.py embed --checkpoint CKPT --images data/verification --out emb.npy
     python predict.py verify --checkpoint CKPT --pairs V/verification_pairs.csv --images V/known --roc roc.png
+    python predict.py verify --checkpoint CKPT --lfw-pairs lfw/pairs.txt --images lfw/images [--tta]  # 10-fold accuracy
     python predict.py identify --checkpoint CKPT --known V/known --unknown V/unknown_test --out verification.csv \\
         --calibrate V/unknown_dev --labels V/verification_dev.csv
 
@@ -13,7 +14,8 @@ The checkpoint alone rebuilds the model (architecture, image size, normalisation
 none of these needs the training data. A submission's label is the class index the model was
 trained with (the identity folder's position in sorted order); --label-names writes the folder
 name instead. `identify` writes the sibling Kaggle task's submission (11-785-f23-hw2p2-verification):
-each unknown image's known identity, or n000000 when it matches none well enough; see
+each unknown image's known identity, or n000000 when it matches none well enough. `verify` names
+images by their path under --images (or file name) and reads LFW's own pairs files; see
 docs/verification.md. Every output is written beside its target and renamed into place, so a failed or
 interrupted run leaves an earlier file as it was.
 """
@@ -33,7 +35,7 @@ from tqdm import tqdm
 
 from cli import ArgumentParser, at_least, atomic_write, check_outputs, finite_float, keep_freed_memory, run
 from data import (DEFAULT_WORKERS, NO_MATCH, DataError, FaceFolder, TestImages, collate_same_size, eval_transform,
-                  identity_folders)
+                  find_images, identity_folders)
 from training import FaceClassifier, load_model, read_checkpoint
 
 FALSE_ACCEPT_RATES = (1e-3, 1e-2)  # where face verification papers quote the true accept rate
@@ -152,6 +154,62 @@ def read_labels(path) -> dict[str, str]:
     if len(labels) != len(rows):
         raise DataError(f"{path}: {len(rows) - len(labels)} repeated ids (expected one row per image)")
     return labels
+
+
+def read_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray | None]:
+    """(pairs, same or None) of a CSV img1,img2[,same]: `same` where the header has the column."""
+    header, rows = read_csv(path, ("img1", "img2"))
+    if not rows:
+        raise DataError(f"{path}: no pairs (expected rows img1,img2[,same])")
+    if header[2:3] != ["same"]:
+        return [(row[0], row[1]) for row in rows], None
+    if bad := [row[2] for row in rows if len(row) < 3 or row[2] not in ("0", "1")]:
+        raise DataError(f"{path}: 'same' is {bad[0]!r} (expected 0 or 1 in every row)")
+    return [(row[0], row[1]) for row in rows], np.array([row[2] == "1" for row in rows])
+
+
+def read_lfw_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
+    """(pairs, same, fold of each pair) of one of LFW's pairs files; a pair names its images as
+    paths under LFW's images folder, `name i` as name/name_%04d.jpg. View 2's pairs.txt starts
+    `10 300`: 10 folds, each 300 same pairs `name i j`, then 300 different ones `name1 i name2 j`.
+    View 1's pairsDevTrain.txt and pairsDevTest.txt start with N: N same pairs, then N different
+    ones, and no folds of their own; they are split in file order, pair k of each kind to fold
+    k * 10 // N, so that every fold holds as many same pairs as different ones (N / 10 of each
+    where 10 divides N; N folds of one each if N < 10)."""
+    path = Path(path)
+    expected = "expected LFW's pairs.txt, first line '10 300', or pairsDev*.txt, first line the count of same pairs"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found ({expected})")
+    try:
+        lines = path.read_text().rstrip().splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not a text file ({error}); {expected}") from error
+    if not lines:
+        raise DataError(f"{path}: empty ({expected})")
+    head = lines[0].split()
+    if not 1 <= len(head) <= 2 or not all(field.isdigit() and int(field) > 0 for field in head):
+        raise DataError(f"{path}: line 1 is {lines[0]!r} ({expected})")
+    folds, n = (int(head[0]), int(head[1])) if len(head) == 2 else (min(10, int(head[0])), int(head[0]))
+    count = 2 * n * (folds if len(head) == 2 else 1)
+    if len(lines) - 1 != count:
+        raise DataError(f"{path}: {len(lines) - 1} pairs after line 1 (expected {count}: line 1 is {lines[0]!r})")
+    if folds < 2:
+        raise DataError(f"{path}: 1 fold (expected 2 or more, to choose each fold's threshold on the others)")
+    pairs, same, fold = [], np.zeros(count, dtype=bool), np.zeros(count, dtype=int)
+    for t, line in enumerate(lines[1:]):
+        if len(head) == 2:
+            fold[t], same[t] = t // (2 * n), t % (2 * n) < n
+        else:
+            fold[t], same[t] = t % n * folds // n, t < n
+        fields = line.split()
+        kind, shape = ("same", "name i j") if same[t] else ("different", "name1 i name2 j")
+        if len(fields) != len(shape.split()):
+            raise DataError(f"{path}:{t + 2}: {len(fields)} fields (expected {shape}, a {kind} pair)")
+        if bad := [i for i in (fields[1:] if same[t] else fields[1::2]) if not i.isdigit() or int(i) == 0]:
+            raise DataError(f"{path}:{t + 2}: image number {bad[0]!r} (expected {shape}, numbers from 1)")
+        images = [(fields[0], fields[1]), (fields[0], fields[2])] if same[t] else [fields[0:2], fields[2:4]]
+        pairs.append(tuple(f"{name}/{name}_{int(i):04d}.jpg" for name, i in images))
+    return pairs, same, fold
 
 
 def read_submission(submission, labels) -> tuple[dict[str, str], dict[str, str]]:
@@ -276,21 +334,43 @@ def verification_metrics(scores, same) -> dict:
                 fpr=fpr, tpr=tpr)
 
 
-def calibrate_threshold(scores, matches, truth) -> tuple[float, float]:
-    """(threshold, accuracy): the similarity threshold under which an image is called NO_MATCH that
-    makes the most of `matches` (each image's closest identity) right against `truth`. Cuts fall
-    midway between neighbouring distinct scores (or the cosine's bound, -1 or 1); among equally good
+def best_cut(scores, right_if_accepted, right_if_rejected) -> tuple[float, float]:
+    """(threshold, accuracy): the threshold that gets the most items right, each accepted when its
+    score is >= threshold. Every cut between two neighbouring distinct scores is tried (midway
+    between them; for "accept all" or "reject all", midway to the cosine's bound, -1 or 1), so the
+    accuracy is the exact best, where a grid of thresholds can step over it; among equally good
     cuts, the highest."""
-    scores, matches, truth = np.asarray(scores, dtype=float), np.asarray(matches), np.asarray(truth)
+    scores = np.asarray(scores, dtype=float)
     order = np.argsort(-scores, kind="stable")
-    scores, hit, unknown = scores[order], (matches == truth)[order], (truth == NO_MATCH)[order]
-    # accepting the j best-scoring images (j = 0..n): the accepted hits, and the rejected unknowns
-    correct = np.r_[0, np.cumsum(hit)] + np.r_[np.cumsum(unknown[::-1])[::-1], 0]
+    scores, hit, miss = scores[order], np.asarray(right_if_accepted)[order], np.asarray(right_if_rejected)[order]
+    # accepting the j best-scoring items (j = 0..n): those right accepted, and those right rejected
+    correct = np.r_[0, np.cumsum(hit)] + np.r_[np.cumsum(miss[::-1])[::-1], 0]
     cuts = np.flatnonzero(np.r_[True, scores[:-1] > scores[1:], True])  # never between equal scores
     j = cuts[correct[cuts].argmax()]
     bounds = np.r_[max(1.0, np.nextafter(scores[0], np.inf)), scores, min(-1.0, scores[-1])]  # cosines lie in [-1, 1]
     threshold = (bounds[j] + bounds[j + 1]) / 2  # between the lowest accepted score and the highest rejected one
     return float(threshold), float(correct[j] / len(scores))
+
+
+def calibrate_threshold(scores, matches, truth) -> tuple[float, float]:
+    """(threshold, accuracy): the similarity threshold under which an image is called NO_MATCH that
+    makes the most of `matches` (each image's closest identity) right against `truth` (best_cut)."""
+    matches, truth = np.asarray(matches), np.asarray(truth)
+    return best_cut(scores, matches == truth, truth == NO_MATCH)
+
+
+def fold_accuracy(scores, same, folds) -> tuple[float, float, list[float]]:
+    """LFW's verification protocol: (mean, standard deviation, per fold) of each fold's accuracy at
+    the threshold best on the other folds (best_cut: an exact sweep over their scores), as
+    insightface's verification.py and facenet's lfw.py compute it (they sweep a fixed grid).
+    The standard deviation is the population's (ddof 0), as their np.std."""
+    scores, same, folds = np.asarray(scores, dtype=float), np.asarray(same, dtype=bool), np.asarray(folds)
+    accuracies = []
+    for fold in np.unique(folds):
+        test = folds == fold
+        threshold, _ = best_cut(scores[~test], same[~test], ~same[~test])
+        accuracies.append(float(((scores[test] >= threshold) == same[test]).mean()))
+    return float(np.mean(accuracies)), float(np.std(accuracies)), accuracies
 
 
 def plot_roc(metrics: dict, out_png: Path) -> None:
@@ -313,37 +393,45 @@ def plot_roc(metrics: dict, out_png: Path) -> None:
     plt.close(fig)
 
 
-def verify(checkpoint, pairs, images, out=None, roc=None, batch_size=256, num_workers=DEFAULT_WORKERS, device="auto") -> dict:
-    """Cosine similarity of the embeddings of each pair of `pairs` (img1,img2[,same], file names
-    under `images`): written to `out` (img1,img2,score[,same]); with ground truth, also the ROC
-    metrics and, with `roc`, the ROC curve as a PNG."""
-    header, rows = read_csv(pairs, ("img1", "img2"))
-    truth = header[2:3] == ["same"]
-    check_outputs({"--out": out, "--roc": roc}, {"--checkpoint": checkpoint, "--pairs": pairs, "--images": images})
-    if not rows:
-        raise DataError(f"{pairs}: no pairs (expected rows img1,img2[,same])")
-    if not truth and (roc or not out):
+def verify(checkpoint, pairs, images, out=None, roc=None, lfw=False, tta=False, batch_size=256,
+           num_workers=DEFAULT_WORKERS, device="auto") -> dict:
+    """Cosine similarity of the embeddings of each pair of `pairs`, a CSV img1,img2[,same] of
+    images under `images` (read_pairs), or with lfw=True one of LFW's pairs files (read_lfw_pairs):
+    written to `out` (img1,img2,score[,same]). With ground truth, also the ROC metrics and, with
+    `roc`, the ROC curve as a PNG; for LFW the fold accuracy. Only the images the pairs name are
+    read, and all of them are checked before the model is loaded. tta averages each image's
+    embedding with its mirror image's."""
+    if lfw:
+        rows, same, folds = read_lfw_pairs(pairs)
+    else:
+        (rows, same), folds = read_pairs(pairs), None
+    check_outputs({"--out": out, "--roc": roc},
+                  {"--checkpoint": checkpoint, "--lfw-pairs" if lfw else "--pairs": pairs, "--images": images})
+    if same is None and (roc or not out):
         raise DataError(f"{pairs}: no 'same' column, so nothing to score against: pass --out for the scores alone")
-    if truth:
-        if bad := [row[2] for row in rows if len(row) < 3 or row[2] not in ("0", "1")]:
-            raise DataError(f"{pairs}: 'same' is {bad[0]!r} (expected 0 or 1 in every row)")
-        same = np.array([row[2] == "1" for row in rows])
-        if same.all() or not same.any():
-            raise DataError(f"{pairs}: only {'same' if same.all() else 'different'} pairs (expected both, for ROC)")
-    embeddings, names, _ = embed_images(load_model(checkpoint, device), images, batch_size, num_workers)
+    if same is not None and (same.all() or not same.any()):
+        raise DataError(f"{pairs}: only {'same' if same.all() else 'different'} pairs (expected both, for ROC)")
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    paths = find_images(images, names, pairs)
+    model = load_model(checkpoint, device)
+    dataset = TestImages(images, model_transform(model), paths=paths)
+    embeddings, _, _ = run_model(model, dataset, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers,
+                                 desc="embedding")
     index = {name: i for i, name in enumerate(names)}
-    if missing := [name for row in rows for name in row[:2] if name not in index]:
-        raise DataError(f"{pairs}: {missing[0]} is not an image in {images} ({len(missing)} missing)")
     first, second = (embeddings[[index[row[k]] for row in rows]] for k in (0, 1))
     scores = (first * second).sum(1).numpy()
     if out:
-        columns = ["img1", "img2", "score"] + (["same"] if truth else [])
-        write_csv(Path(out), [columns] + [[*row[:2], float(score), *row[2:3]] for row, score in zip(rows, scores)])
+        columns = ["img1", "img2", "score"] + (["same"] if same is not None else [])
+        truth = [[int(s)] for s in same] if same is not None else [[] for _ in rows]
+        write_csv(Path(out), [columns] + [[*row, float(score), *s] for row, score, s in zip(rows, scores, truth)])
     result = dict(pairs=len(rows), scores=scores)
-    if truth:
+    if same is not None:
         result.update(verification_metrics(scores, same))
         if roc:
             plot_roc(result, Path(roc))
+    if folds is not None:
+        mean, std, per_fold = fold_accuracy(scores, same, folds)
+        result.update(fold_accuracy=mean, fold_std=std, folds=per_fold)
     return result
 
 
@@ -422,10 +510,13 @@ def parse_args(argv=None):
 
     p = commands.add_parser("verify", parents=[model], help="cosine similarity of image pairs; ROC AUC, EER, TAR@FAR")
     p.add_argument("--checkpoint", required=True, **checkpoint)
-    p.add_argument("--pairs", type=Path, required=True, help="CSV img1,img2[,same] of file names in --images")
-    p.add_argument("--images", type=Path, required=True, help="the images the pairs name")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", type=Path, help="CSV img1,img2[,same] of paths under --images (or file names in it)")
+    source.add_argument("--lfw-pairs", type=Path, help="LFW's pairs.txt or pairsDev*.txt; adds the 10-fold accuracy")
+    p.add_argument("--images", type=Path, required=True, help="the folder the pairs' paths start from (LFW: its images/)")
     p.add_argument("--out", type=Path, help="CSV of the scores")
     p.add_argument("--roc", type=Path, help="PNG of the ROC curve")
+    p.add_argument("--tta", action="store_true", help="average the embeddings of each image and its mirror image")
 
     p = commands.add_parser("identify", parents=[model],
                             help=f"map unknown faces to known identities or {NO_MATCH} (Kaggle's verification task)",
@@ -482,13 +573,17 @@ def main(argv=None) -> int:
         result = embed(args.checkpoint, args.images, args.out, **loading)
         print(f"wrote {result['shape'][0]} x {result['shape'][1]} embeddings to {args.out}, file names to {result['names']}")
     elif args.command == "verify":
-        result = verify(args.checkpoint, args.pairs, args.images, args.out, args.roc, **loading)
+        result = verify(args.checkpoint, args.pairs or args.lfw_pairs, args.images, args.out, args.roc,
+                        lfw=args.lfw_pairs is not None, tta=args.tta, **loading)
         if args.out:
             print(f"wrote {result['pairs']} scores to {args.out}")
         if "auc" in result:
             tar = ", ".join(f"TAR@FAR={far:g} {rate:.4f}" for far, rate in result["tar_at_far"].items())
             print(f"{result['pairs']} pairs: ROC AUC {result['auc']:.4f}, EER {result['eer']:.4f}, {tar}, "
                   f"accuracy {result['accuracy']:.4f} at cosine >= {result['threshold']:.4f}")
+        if "folds" in result:
+            print(f"LFW {len(result['folds'])}-fold accuracy {result['fold_accuracy']:.4f} +- {result['fold_std']:.4f} "
+                  "(each fold at the threshold best on the others)")
         if args.roc:
             print(f"ROC curve: {args.roc}")
     else:
