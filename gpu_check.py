@@ -9,7 +9,7 @@ included, from the run's metrics.csv), the data workers and torch.cuda.max_memor
 as the run prints them). A GPU is lent for minutes, so each step is a subprocess with its own time
 limit under one budget for the whole check: a step that fails or runs out of time goes into the
 report with the tail of its output, and the check goes on to the next. The report is printed, and
-rewritten after every step (docs/gpu.md), so a check stopped from outside keeps what it finished.
+rewritten after every step (docs/gpu-check.md), so a check stopped from outside keeps what it finished.
 It installs nothing and needs no venv: torch, torchvision, lightning, torchmetrics, matplotlib and
 pytest as the machine has them.
 """
@@ -286,7 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry", action="store_true", help="the same steps at tiny sizes on the CPU (the cuda tests skip themselves)")
     parser.add_argument("--work", type=Path, help="data, runs and logs (default: gpu_check/ or gpu_check_dry/ under the system's temp dir)")
-    parser.add_argument("--report", type=Path, help="the markdown report (default: docs/gpu.md; with --dry, WORK/gpu.md)")
+    parser.add_argument("--report", type=Path, help="the markdown report (default: docs/gpu-check.md; with --dry, WORK/gpu.md)")
     parser.add_argument("--budget", type=float, help="seconds for the whole check (default: 390, or 400 with --dry)")
     args = parser.parse_args(argv)
     if not args.dry and not torch.cuda.is_available():
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     settings = SETTINGS["dry" if args.dry else "gpu"]
     work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / ("gpu_check_dry" if args.dry else "gpu_check")
-    report = args.report or (work / "gpu.md" if args.dry else ROOT / "docs" / "gpu.md")
+    report = args.report or (work / "gpu.md" if args.dry else ROOT / "docs" / "gpu-check.md")
     check = Check(settings, work, report, args.budget or settings["budget_s"], args.dry)
     cuda_tests(check)
     bench(check)

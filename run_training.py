@@ -114,9 +114,6 @@ def parse_args(argv=None):
         args.label_smoothing = args.label_smoothing if "label_smoothing" in args.given else 0.0
     elif args.margin is not None:
         p.error("--margin is for --loss arcface or cosface")
-    if args.wandb != "off" and importlib.util.find_spec("wandb") is None:
-        p.error(f"--wandb {args.wandb} needs the wandb package (pip install wandb, as requirements.txt pins it), "
-                "or pass --wandb off")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite replaces it: pick one")
     if args.resume and args.resume != "last" and "out" not in args.given:
@@ -357,6 +354,9 @@ def clear_earlier_run(out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.wandb != "off" and importlib.util.find_spec("wandb") is None:  # an optional package (the GPU machine lacks it)
+        raise UserError(f"--wandb {args.wandb} needs the wandb package (pip install wandb, as requirements.txt pins it), "
+                        "or pass --wandb off")
     keep_freed_memory()
     if args.demo:
         from synthetic_faces import generate

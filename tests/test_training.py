@@ -1,6 +1,7 @@
 """The Lightning module and run_training.py: schedule, mixup, training, checkpoints, resume, CLI."""
 
 import csv
+import importlib.util
 import math
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import predict
 import run_training
 import training
@@ -217,6 +219,17 @@ def test_sigkill_mid_run_then_resume_finishes_the_planned_epochs(tiny_faces, tmp
 )
 def test_cli_errors_are_one_line(args, expected):
     assert expected in assert_one_line_error(run_cli(*args))
+
+
+def test_wandb_missing_is_one_line_that_says_what_to_do(tiny_faces, tmp_path, monkeypatch, capsys):
+    """The GPU machine has no wandb: the default --wandb offline there is one line, before any work."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "wandb" else find_spec(name, *rest))
+    with pytest.raises(SystemExit) as stop:
+        cli.run(lambda: run_training.main(["--data-dir", str(tiny_faces), "--out", str(tmp_path / "run")]))
+    assert stop.value.code == 2 and not (tmp_path / "run").exists()
+    assert capsys.readouterr().err == ("error: --wandb offline needs the wandb package (pip install wandb, as "
+                                       "requirements.txt pins it), or pass --wandb off\n")
 
 
 PAGE_FAULTS_OF_A_STEP = """
