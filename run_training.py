@@ -354,9 +354,6 @@ def clear_earlier_run(out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.wandb != "off" and importlib.util.find_spec("wandb") is None:  # an optional package (the GPU machine lacks it)
-        raise UserError(f"--wandb {args.wandb} needs the wandb package (pip install wandb, as requirements.txt pins it), "
-                        "or pass --wandb off")
     keep_freed_memory()
     if args.demo:
         from synthetic_faces import generate
@@ -416,6 +413,9 @@ def train(args) -> int:
     # flushed at every log call, so a killed run keeps its log
     loggers = [ResumableCSVLogger(args.out, flush_logs_every_n_steps=1)]
     if args.wandb != "off":
+        if importlib.util.find_spec("wandb") is None:  # an optional package (the GPU machine lacks it)
+            raise UserError(f"--wandb {args.wandb} needs the wandb package (pip install wandb, as requirements.txt "
+                            "pins it), or pass --wandb off")
         loggers.append(WandbLogger(project="FaceClassifier", save_dir=args.out, offline=args.wandb == "offline"))
     try:
         trainer = L.Trainer(
