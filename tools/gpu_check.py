@@ -1,9 +1,9 @@
 """One command that turns a GPU at hand into measured figures, in one markdown report:
 
-    make gpu-check PYTHON=python3     # python gpu_check.py: on a GPU machine, with its own python
-    make gpu-check-dry                # python gpu_check.py --dry: the same steps, tiny, on the CPU
+    make gpu-check PYTHON=python3     # python -m tools.gpu_check: on a GPU machine, with its own python
+    make gpu-check-dry                # python -m tools.gpu_check --dry: the same steps, tiny, on the CPU
 
-The steps: the tests marked `cuda`; bench.py; a synthetic face set generated on the machine; then
+The steps: the tests marked `cuda`; tools/bench.py; a synthetic face set generated on the machine; then
 run_training.py once for each row of RUNS, reporting images/s over whole epochs (data loading
 included, from the run's metrics.csv), the data workers and torch.cuda.max_memory_allocated (both
 as the run prints them). A GPU is lent for minutes, so each step is a subprocess with its own time
@@ -32,7 +32,7 @@ import run_training
 from cli import ArgumentParser
 from training import epoch_metrics
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: where every step runs
 
 # The end-to-end runs, in the order they run: name -> run_training.py flags (the only place that
 # names data-path flags). --compile goes last: its first epoch compiles, the longest warm-up. The
@@ -187,11 +187,11 @@ def cuda_tests(check: Check) -> None:
 
 
 def bench(check: Check) -> None:
-    argv = ["bench.py", *check.settings["bench"]]
-    status, output = check.run("bench.py", argv, check.settings["bench_s"])
-    if status == "ok":
-        report = output[output.index("bench.py: "):] if "bench.py: " in output else output
-        check.sections.append(f"## bench.py\n\n`python {' '.join(argv)}`\n\n{report.strip()}\n")
+    argv = ["-m", "tools.bench", *check.settings["bench"]]
+    status, output = check.run("bench", argv, check.settings["bench_s"])
+    if status == "ok":  # its report, without the progress lines before it
+        report = output[output.index("bench: "):] if "bench: " in output else output
+        check.sections.append(f"## tools/bench.py\n\n`python {' '.join(argv)}`\n\n{report.strip()}\n")
 
 
 def synthetic_faces(check: Check) -> Path | None:
@@ -278,12 +278,12 @@ def goals(rows: list[dict]) -> str:
         if set(row["flags"]) <= {"--recompute-gelu"} and row["memory"]:
             lines.append(f"| peak memory <= {GOAL_MEMORY / 1e9:.0f} GB ({row['name']}) | {row['memory'] / 1e9:.2f} GB "
                          f"| {'met' if row['memory'] <= GOAL_MEMORY else 'NOT met'} |")
-    lines.append("| FaceNN train img/s >= torchvision ConvNeXt's | see bench.py's `target:` lines | |")
+    lines.append("| FaceNN train img/s >= torchvision ConvNeXt's | see tools/bench.py's `target:` lines | |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m tools.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry", action="store_true", help="the same steps at tiny sizes on the CPU (the cuda tests skip themselves)")
     parser.add_argument("--work", type=Path, help="data, runs and logs (default: gpu_check/ or gpu_check_dry/ under the system's temp dir)")
     parser.add_argument("--report", type=Path, help="the markdown report (default: docs/gpu-check.md; with --dry, WORK/gpu.md)")
