@@ -4,14 +4,14 @@
     make gpu-check-dry                # python -m tools.gpu_check --dry: the same steps, tiny, on the CPU
 
 The steps: the tests marked `cuda`; tools/bench.py; a synthetic face set generated on the machine; then
-run_training.py once for each row of RUNS, reporting images/s over whole epochs (data loading
-included, from the run's metrics.csv), the data workers and torch.cuda.max_memory_allocated (both
-as the run prints them). A GPU is lent for minutes, so each step is a subprocess with its own time
-limit under one budget for the whole check: a step that fails or runs out of time goes into the
-report with the tail of its output, and the check goes on to the next. The report is printed, and
-rewritten after every step (docs/gpu-check.md), so a check stopped from outside keeps what it finished.
-It installs nothing and needs no venv: torch, torchvision, lightning, torchmetrics, matplotlib and
-pytest as the machine has them.
+run_training.py once for each row of RUNS, reporting from the run's metrics.csv images/s over whole
+epochs (data loading included), the data workers and torch.cuda.max_memory_allocated. A GPU is lent
+for minutes, so each step is a subprocess with its own time limit under one budget for the whole
+check: a step that fails or runs out of time goes into the report with the tail of its output, and
+the check goes on to the next. The report is printed, and rewritten after every step
+(docs/gpu-check.md), so a check stopped from outside keeps what it finished. It installs nothing
+and needs no venv: torch, torchvision, lightning, torchmetrics, matplotlib and pytest as the
+machine has them.
 """
 
 import argparse
@@ -218,8 +218,8 @@ def training_runs(check: Check, data: Path | None) -> None:
         argv = ["run_training.py", "--data-dir", str(data), "--out", str(out), "--overwrite", "--wandb", "off",
                 "--warmup-epochs", "1", *check.settings["train"], *flags]
         limit = check.settings["compiled_run_s" if "--compile" in flags else "run_s"]
-        status, output = check.run(f"train: {name}", argv, limit)
-        rows.append(run_row(name, flags, status, output, out / "metrics.csv"))
+        status, _ = check.run(f"train: {name}", argv, limit)
+        rows.append(run_row(name, flags, status, out / "metrics.csv"))
     headline = check.settings["train"]
     faces = check.settings["faces"]
     check.sections.append(
@@ -242,14 +242,16 @@ def as_on_a_gpu(flags: list[str]) -> list[str]:
     return [*flags, "--augment-on-device", "on" if on else "off"]
 
 
-def run_row(name: str, flags: list[str], status: str, output: str, metrics_csv: Path) -> dict:
-    """One row of the end-to-end table, from the run's metrics.csv and what it printed."""
-    workers = re.search(r"\| (\d+) data workers per device", output)
-    memory = re.search(r"peak GPU memory \(torch.cuda.max_memory_allocated\): ([0-9.]+) GB", output)
-    row = dict(name=name, flags=flags, later=None, memory=float(memory.group(1)) * 1e9 if memory else None)
-    first = later = flops = "-"
+def run_row(name: str, flags: list[str], status: str, metrics_csv: Path) -> dict:
+    """One row of the end-to-end table, from the run's metrics.csv."""
+    row = dict(name=name, flags=flags, later=None, memory=None)
+    first = later = flops = workers = "-"
     if metrics_csv.is_file():
         series = epoch_metrics(metrics_csv)
+        if series.get("data_workers"):
+            workers = f"{series['data_workers'][-1][1]:.0f}"
+        if series.get("peak_gpu_memory"):  # the peak over the whole run: its last epoch's
+            row["memory"] = series["peak_gpu_memory"][-1][1]
         images, rates = dict(series.get("train_images", [])), dict(series.get("train_img_per_s", []))
         flop_rates = dict(series.get("train_flop_per_s", []))
         if 0 in rates:
@@ -261,7 +263,7 @@ def run_row(name: str, flags: list[str], status: str, output: str, metrics_csv: 
             later = f"{row['later']:,.0f}"
             if all(epoch in flop_rates for epoch in steady):
                 flops = f"{sum(images[e] / rates[e] * flop_rates[e] for e in steady) / seconds / 1e12:.1f}"
-    cells = [name, f"`{' '.join(flags)}`" if flags else "(defaults)", workers.group(1) if workers else "-", first,
+    cells = [name, f"`{' '.join(flags)}`" if flags else "(defaults)", workers, first,
              later, flops, f"{row['memory'] / 1e9:.2f}" if row["memory"] else "-", status]
     row["line"] = "| " + " | ".join(cells) + " |"
     return row
