@@ -452,8 +452,6 @@ def train(args) -> int:
             print(f"terminated (SIGTERM): {hint}", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
         raise
-    if world > 1 and validate:  # every rank reports: synced metrics agree across ranks
-        print(f"rank {trainer.global_rank}: dev accuracy {trainer.callback_metrics['val_acc']:.6f}")
     if not trainer.is_global_zero:
         return 0
     if trainer.strategy.root_device.type == "cuda":
