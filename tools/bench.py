@@ -330,7 +330,7 @@ def main(argv=None):
     precision = "16-mixed (fp16 autocast + GradScaler)" if on_gpu else "fp32"
     where = (torch.cuda.get_device_name(device) if on_gpu else
              f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"bench: batch {args.batch_size}, {args.image_size} px, {args.num_classes} classes, {precision}, {where}; "
+    print(f"bench.py: batch {args.batch_size}, {args.image_size} px, {args.num_classes} classes, {precision}, {where}; "
           f"medians of {args.repeats} interleaved rounds after {args.warmup} warm-up call(s); torch {torch.__version__}")
     print("train FLOPs per image (forward + backward): " + ", ".join(f"{n} {f / 1e9:.1f} G" for n, f in flops.items()))
     print()

@@ -190,7 +190,7 @@ def bench(check: Check) -> None:
     argv = ["-m", "tools.bench", *check.settings["bench"]]
     status, output = check.run("bench", argv, check.settings["bench_s"])
     if status == "ok":  # its report, without the progress lines before it
-        report = output[output.index("bench: "):] if "bench: " in output else output
+        report = output[output.index("bench.py: "):] if "bench.py: " in output else output
         check.sections.append(f"## tools/bench.py\n\n`python {' '.join(argv)}`\n\n{report.strip()}\n")
 
 
