@@ -74,7 +74,7 @@ class ConvNeXtBlock(nn.Module):
 
     `recompute_gelu` trades time for memory: backward recomputes the GELU's 4x-wide output from its
     input (selective activation checkpointing) instead of keeping both, the largest tensors of a
-    training step. Same gradients, less memory for a little more time (`python bench.py` prints
+    training step. Same gradients, less memory for a little more time (`python -m tools.bench` prints
     both memory figures).
     """
 

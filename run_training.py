@@ -173,7 +173,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--depths", type=int_list, help="comma-separated stage depths (default 2,2,6,2)")
     p.add_argument("--recompute-gelu", action="store_true",
                    help="less memory, a little slower: backward recomputes FaceNN's GELUs (this run only)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (measure first: python bench.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (measure first: python -m tools.bench)")
     p.add_argument("--patience", type=at_least(1), default=20, help="early stopping on dev loss")
     p.add_argument("--resume", nargs="?", const="last", type=str,
                    help="continue from a checkpoint (default OUT/last.ckpt) with its settings; --epochs N extends it")
@@ -452,8 +452,6 @@ def train(args) -> int:
             print(f"terminated (SIGTERM): {hint}", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
         raise
-    if world > 1 and validate:  # every rank reports: synced metrics agree across ranks
-        print(f"rank {trainer.global_rank}: dev accuracy {trainer.callback_metrics['val_acc']:.6f}")
     if not trainer.is_global_zero:
         return 0
     if trainer.strategy.root_device.type == "cuda":

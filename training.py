@@ -243,6 +243,12 @@ class FaceClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.raise_if_diverged()
+        # what the run used (tools/gpu_check.py reads them): data workers per device and, on a GPU, the
+        # peak memory so far, validation included, of the device that needed the most
+        log = dict(sync_dist=True, reduce_fx="max")
+        self.log("data_workers", float(self.trainer.train_dataloader.num_workers), **log)
+        if self.device.type == "cuda":
+            self.log("peak_gpu_memory", float(torch.cuda.max_memory_allocated(self.device)), **log)
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch

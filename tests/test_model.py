@@ -264,7 +264,7 @@ def test_recomputing_the_gelu_keeps_the_gradients_and_frees_its_output():
     output (selective checkpointing keeps what the project matmul computed): 3C values per position."""
     import torch.nn.functional as F
 
-    from memory import LiveMemory
+    from tools.memory import LiveMemory
 
     torch.manual_seed(0)
     models = {recompute: FaceNN(num_classes=10, **TINY, recompute_gelu=recompute) for recompute in (False, True)}

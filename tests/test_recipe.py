@@ -246,7 +246,7 @@ def test_cpu_only_augmentations_are_refused_on_device(tiny_faces):
 # --- the comparison script ---
 
 def test_compare_recipes_trains_both_recipes_and_writes_table_and_plot(tiny_faces, tmp_path):
-    import compare_recipes
+    from tools import compare_recipes
 
     rows = [compare_recipes.train(tiny_faces, tmp_path / recipe, "facenn", recipe, 0, epochs=2) for recipe in ("original", "modern")]
     assert [row["epochs"] for row in rows] == [2, 2] and all(0 <= row["best_dev_acc"] <= 1 for row in rows)
