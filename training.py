@@ -17,7 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import callbacks
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.trainer.states import RunningStage
@@ -28,10 +28,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from architecture import NUM_CLASSES, WIDTHS, FaceNN, convnext_baseline, train_flops
-from cli import UserError, atomic_write, pick_device
+from cli import atomic_write
 from data import KAGGLE_MEAN, KAGGLE_STD, seed_of
-
-CHECKPOINT_HELP = "expected a .ckpt written by run_training.py"
 
 
 def warmup_cosine_lr(epoch, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e-4, peak_lr=1e-3, min_lr=1e-5):
@@ -334,40 +332,6 @@ def flag_value(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def read_checkpoint(path) -> dict:
-    """A run_training.py checkpoint's contents, checked: a missing, damaged or foreign file is a
-    UserError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found ({CHECKPOINT_HELP})")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file fails in many ways: zip, pickle, EOF, key errors
-        reason = ": ".join(filter(None, [type(error).__name__, str(error).strip().split("\n")[0].split(". ")[0]]))
-        raise UserError(f"{path}: cannot read checkpoint ({reason}); {CHECKPOINT_HELP}") from error
-    keys = ("hyper_parameters", "class_names", "state_dict")
-    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in keys):
-        raise UserError(f"{path}: not a FaceClassifier checkpoint, no {'/'.join(keys)} ({CHECKPOINT_HELP})")
-    return checkpoint
-
-
-def model_from_checkpoint(path, checkpoint: dict) -> FaceClassifier:
-    """The FaceClassifier a checkpoint describes, with its weights, in training mode as a new module is."""
-    try:
-        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k != "channels_last"}  # an older flag
-        model = FaceClassifier(**hparams, class_names=checkpoint["class_names"])
-        model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as error:
-        raise UserError(f"{path}: its weights or settings do not fit FaceClassifier ({CHECKPOINT_HELP})") from error
-    return model
-
-
-def load_model(path, device: str = "auto") -> FaceClassifier:
-    """The model a checkpoint describes, for inference: in eval mode on `device`, whatever device it
-    was saved from."""
-    return model_from_checkpoint(path, read_checkpoint(path)).to(pick_device(device)).eval()
-
-
 class EpochSeed(L.Callback):
     """Seeds the random state of the training steps (mixup, drop-path, augmentation on the device)
     at the start of each epoch from (seed, epoch), so that an epoch draws the same whether the run
@@ -432,22 +396,6 @@ class ThroughputMonitor(callbacks.ThroughputMonitor):
         pl_module.log("train_images", float(world * images), **log)
         if pl_module.flops_per_image:
             pl_module.log("train_flop_per_s", world * rate * pl_module.flops_per_image, **log)
-
-
-class AtomicCheckpoint(ModelCheckpoint):
-    """Writes each checkpoint beside its target and renames it into place, so an interrupted
-    write never leaves a half-written file as the only copy."""
-
-    def _save_checkpoint(self, trainer, filepath):
-        partial = Path(f"{filepath}.partial")
-        try:
-            super()._save_checkpoint(trainer, str(partial))
-            if trainer.is_global_zero:
-                partial.replace(filepath)
-        finally:  # a failed write leaves the previous checkpoint alone; only rank 0 writes the file,
-            if trainer.is_global_zero:  # and another rank deleting it would race rank 0's rename (DDP)
-                partial.unlink(missing_ok=True)
-        self._last_checkpoint_saved = filepath
 
 
 class ResumableCSVLogger(CSVLogger):

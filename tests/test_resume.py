@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import run_training
+from checkpoints import AtomicCheckpointIO
 from cli import UserError, folder_lock
 from data import DataError, FaceDataModule
-from training import AtomicCheckpoint, FaceClassifier, epoch_metrics, warmup_cosine_lr
+from training import FaceClassifier, epoch_metrics, warmup_cosine_lr
 from tests.conftest import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,17 +96,17 @@ def test_a_resumed_run_trains_the_same_model_as_an_uninterrupted_one(tiny_faces,
 
 def test_last_checkpoint_holds_the_best_score_and_patience_of_its_own_epoch(tiny_faces, tmp_path, monkeypatch):
     saved = []  # (epoch, best val_acc, early-stopping best val_loss, its wait count) of each last.ckpt
-    save = AtomicCheckpoint._save_checkpoint
+    save = AtomicCheckpointIO.save_checkpoint
 
-    def recording(self, trainer, filepath):
-        save(self, trainer, filepath)
-        if Path(filepath).name == "last.ckpt":
-            checkpoint = load(filepath)
+    def recording(self, checkpoint, path, storage_options=None):
+        save(self, checkpoint, path, storage_options)
+        if Path(path).name == "last.ckpt":
+            checkpoint = load(path)
             stopping = callback_state(checkpoint, "EarlyStopping")
-            best = callback_state(checkpoint, "AtomicCheckpoint{'monitor': 'val_acc'")
+            best = callback_state(checkpoint, "ModelCheckpoint{'monitor': 'val_acc'")
             saved.append((checkpoint["epoch"], best["best_model_score"], stopping["best_score"], stopping["wait_count"]))
 
-    monkeypatch.setattr(AtomicCheckpoint, "_save_checkpoint", recording)
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording)
     assert train(tiny_faces, tmp_path / "run") == 0
     series = epoch_metrics(tmp_path / "run" / "metrics.csv")
     accuracy, loss = [value for _, value in series["val_acc"]], [value for _, value in series["val_loss"]]
@@ -236,6 +238,15 @@ def test_the_log_survives_where_lightnings_csv_logger_loses_it(tmp_path, monkeyp
         assert not kept_at_start or not log.read_bytes().startswith(earlier)
     else:
         assert kept_at_start and log.read_bytes() == earlier
+
+
+def test_a_checkpoint_of_the_earlier_atomic_checkpoint_resumes_with_its_best_score(tmp_path):
+    """Before AtomicCheckpointIO, a ModelCheckpoint subclass wrote checkpoints, and its state went
+    under its own name."""
+    key = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val_acc", mode="max").state_key
+    old = {"epoch": 3, "callbacks": {key.replace("ModelCheckpoint", "AtomicCheckpoint"): {"best_model_score": 0.75}}}
+    torch.save(old, tmp_path / "old.ckpt")
+    assert AtomicCheckpointIO().load_checkpoint(tmp_path / "old.ckpt")["callbacks"] == {key: {"best_model_score": 0.75}}
 
 
 def test_resume_continues_in_the_checkpoints_folder_with_its_data(tiny_faces, tmp_path, monkeypatch, watch):
