@@ -30,13 +30,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS, count_parameters
+from callbacks import EpochSeed, ResumableCSVLogger, ThroughputMonitor
 from checkpoints import AtomicCheckpointIO, model_from_checkpoint, read_checkpoint
 from cli import (ArgumentParser, UserError, at_least, finite_float, folder_lock, keep_freed_memory, overlaps, pick_device,
                  run)
 from data import AUTO_AUGMENT, KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from residual_blocks import ConvNeXtBlock
-from training import (BACKBONES, MARGINS, EpochSeed, FaceClassifier, ResumableCSVLogger, ThroughputMonitor,
-                      default_warmup, plot_curves, warmup_cosine_lr)
+from training import BACKBONES, MARGINS, FaceClassifier, default_warmup, plot_curves, warmup_cosine_lr
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
 # The flags whose values a checkpoint keeps, and where: a resumed run takes them from there, and
@@ -410,8 +410,7 @@ def train(args) -> int:
     if validate:
         callbacks += [EarlyStopping("val_loss", patience=args.patience), best]
     callbacks.append(last)  # the last to save, so that it holds every other callback's state of its epoch
-    # flushed at every log call, so a killed run keeps its log
-    loggers = [ResumableCSVLogger(args.out, flush_logs_every_n_steps=1)]
+    loggers = [ResumableCSVLogger(args.out)]
     if args.wandb != "off":
         if importlib.util.find_spec("wandb") is None:  # an optional package (the GPU machine lacks it)
             raise UserError(f"--wandb {args.wandb} needs the wandb package (pip install wandb, as requirements.txt "
