@@ -142,7 +142,7 @@ class FaceClassifier(L.LightningModule):
     ):
         super().__init__()
         # the class names go into the checkpoint itself (on_save_checkpoint), not into every
-        # logger's hyperparameters: 7001 of them would flood hparams.yaml and wandb's config
+        # logger's hyperparameters: 7001 of them would flood wandb's config
         self.save_hyperparameters(ignore=["class_names"])
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         if len(self.class_names) != num_classes:
@@ -325,7 +325,8 @@ def flag_value(value) -> str:
 
 
 def epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-epoch series from a run's metrics.csv (callbacks.ResumableCSVLogger): {metric: [(epoch, value), ...]}.
+    """Per-epoch series from a run's metrics.csv (callbacks.ResumableCSVLogger's):
+    {metric: [(epoch, value), ...]}.
 
     Rows logged at an epoch's start (the learning rate) carry no epoch: they count for the epoch
     of the next row that does."""
