@@ -657,17 +657,17 @@ torch.save = failing_save
 """,
     "half the file written": """
 import errno, io, torch
-from lightning.fabric.plugins.io import torch_io
-atomic_save = torch_io._atomic_save
-def half_save(checkpoint, filepath):
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+save = TorchCheckpointIO.save_checkpoint
+def half_save(self, checkpoint, path, storage_options=None):
     if checkpoint.get("epoch", 0) >= 1:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        with open(filepath, "wb") as f:
+        with open(path, "wb") as f:
             f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
-    atomic_save(checkpoint, filepath)
-torch_io._atomic_save = half_save
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    save(self, checkpoint, path, storage_options)
+TorchCheckpointIO.save_checkpoint = half_save
 """,
     "rename fails": """
 import errno, pathlib, torch

@@ -12,10 +12,12 @@ import torch
 
 import predict
 import run_training
+from callbacks import ThroughputMonitor
+from checkpoints import load_model
 from data import BatchAugment, FaceDataModule, TestImages, decode_batch, load_image, read_encoded
 from tests.conftest import TINY_SET
 from tests.test_gpu_path import write_kinds
-from training import FaceClassifier, ThroughputMonitor, epoch_metrics, load_model
+from training import FaceClassifier, epoch_metrics
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

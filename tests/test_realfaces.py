@@ -16,7 +16,7 @@ import pytest
 import data
 import predict
 import run_training
-from training import read_checkpoint
+from checkpoints import read_checkpoint
 from tests.conftest import FAST, REAL_LFW
 from tests.test_lfw_pairs import loaded  # noqa: F401 (a fixture)
 from tests.test_predict import read_rows, run_command

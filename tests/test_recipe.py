@@ -12,7 +12,8 @@ from torchvision.transforms import v2
 import run_training
 from cli import UserError
 from data import FaceDataModule, train_transform
-from training import FaceClassifier, epoch_metrics, load_model
+from checkpoints import load_model
+from training import FaceClassifier, epoch_metrics
 from tests.conftest import FAST
 from tests.test_training import assert_one_line_error, run_cli
 

@@ -19,7 +19,8 @@ import run_training
 import training
 from architecture import FaceNN, train_flops
 from cli import UserError
-from training import FaceClassifier, epoch_metrics, model_from_checkpoint, read_checkpoint
+from checkpoints import model_from_checkpoint, read_checkpoint
+from training import FaceClassifier, epoch_metrics
 from tests.conftest import FAST, TINY_SET
 
 ROOT = Path(__file__).resolve().parents[1]
