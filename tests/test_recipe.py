@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import run_training
-from cli import UserError
 from data import FaceDataModule, train_transform
 from training import FaceClassifier, epoch_metrics, load_model
 from tests.conftest import FAST
@@ -234,13 +233,6 @@ def test_auto_augment_is_in_the_train_transform_only(tiny_faces, name, kind):
     augment = next(t for t in data.train_dataset.transform.transforms if isinstance(t, kind))
     torch.manual_seed(0)
     assert sum(not torch.equal(augment(image), image) for _ in range(10)) >= 5  # it changes the uint8 image
-
-
-def test_cpu_only_augmentations_are_refused_on_device(tiny_faces):
-    with pytest.raises(UserError, match="--augment-on-device"):
-        FaceDataModule(tiny_faces, augment_on_device=True, random_erasing=0.25)
-    with pytest.raises(UserError, match="--augment-on-device"):
-        FaceDataModule(tiny_faces, augment_on_device=True, auto_augment="trivial")
 
 
 # --- the comparison script ---
