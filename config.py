@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS
-from cli import ArgumentParser, UserError, at_least, finite_float, overlaps, pick_device
+from cli import ArgumentParser, UserError, at_least, atomic_write, finite_float, overlaps, pick_device
 from data import AUTO_AUGMENT, KAGGLE_MEAN, KAGGLE_STD
 from training import BACKBONES, MARGINS, FaceClassifier
 
@@ -166,7 +166,8 @@ class Config:
                 for name in GROUPS}
 
     def write(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.settings(), sort_keys=False))
+        with atomic_write(path) as f:
+            yaml.safe_dump(self.settings(), f, sort_keys=False)
 
     def devices(self) -> tuple[str, str, bool]:
         """(accelerator, precision, augment on the device): --accelerator, --precision and

@@ -226,7 +226,8 @@ def train(cfg: Config) -> int:
     report_start(cfg, data, model, trainer, (accelerator, precision), resumed)
     if resumed is None:  # --overwrite, a demo's earlier run, or what a run left before its first checkpoint
         clear_earlier_run(cfg.run.out)
-    cfg.write(cfg.run.out / "config.yaml")
+    if rank_zero_only.rank == 0:
+        cfg.write(cfg.run.out / "config.yaml")
     if cfg.run.compile:  # the network alone: in place, so the checkpoint's keys stay those of the plain model
         model.model.compile()
     fit(trainer, model, data, cfg.run.out, resumed.path if resumed else None)

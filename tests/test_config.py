@@ -8,7 +8,6 @@ import yaml
 import config
 import run_training
 from tests.conftest import FAST
-from tests.test_training import assert_one_line_error, run_cli
 
 
 def state(out):
@@ -56,12 +55,14 @@ def test_flags_given_with_config_override_it(tmp_path):
     ("- a list\n", "expected groups of settings"),
     ("recipe: {epochs: [1\n", "cannot read it"),
 ])
-def test_a_bad_config_file_is_one_line(tmp_path, content, expected):
+def test_a_bad_config_file_is_one_line(tmp_path, capsys, content, expected):
     path = tmp_path / "config.yaml"
     if content is not None:
         path.write_text(content)
-    line = assert_one_line_error(run_cli("--config", path, "--data-dir", tmp_path / "none", "--out", tmp_path / "out"))
-    assert line.startswith(f"error: --config {path}: ") and expected in line, line
+    with pytest.raises(SystemExit) as stop:
+        run_training.main(["--config", str(path), "--out", str(tmp_path / "out")])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and line.startswith(f"error: --config {path}: ") and expected in line, line
     assert not (tmp_path / "out").exists()
 
 
