@@ -230,14 +230,15 @@ def read_settings(path: Path) -> dict:
 
 
 def parse_args(argv=None, description=None, presets=None) -> Config:
-    """The run the command line describes. --config FILE and `presets` (name -> settings, applied
-    when its flag is on, as --demo) give defaults, the flags typed override them."""
+    """The run the command line describes. `presets` (flag -> the settings it applies when on, as
+    --demo; for a flag with a value, value -> settings) and --config FILE give defaults, the flags
+    typed override them."""
     p = parser(description)
     args = p.parse_args(argv)
     defaults = {}
     for name, settings in (presets or {}).items():
-        if getattr(args, name):
-            defaults.update(settings)
+        if chosen := getattr(args, name):
+            defaults.update(settings[chosen] if isinstance(chosen, str) else settings)
     if args.config:
         try:
             defaults.update(read_settings(args.config))
