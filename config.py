@@ -14,6 +14,7 @@ import yaml
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS
 from cli import ArgumentParser, UserError, at_least, atomic_write, finite_float, overlaps, pick_device
 from data import AUTO_AUGMENT, KAGGLE_MEAN, KAGGLE_STD
+from residual_blocks import NORM_POSITIONS
 from training import BACKBONES, MARGINS, FaceClassifier
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
@@ -70,10 +71,17 @@ class Architecture:
     depths: tuple | None = flag(None, "comma-separated stage depths (default 2,2,6,2)", type=int_list)
     drop_path: float = flag(0.0, "stochastic depth: the last block's chance of skipping its branch, linear from 0 over "
                             "the blocks", type=below_one, metavar="RATE")
+    norm: str = flag("batch", "the ConvNeXt blocks' norm: BatchNorm (the original's) or ConvNeXt's channel LayerNorm",
+                     choices=("batch", "layer"))
+    norm_position: str = flag("after_dwconv", "where the blocks' norm sits: after the depthwise conv (the original's "
+                              "and ConvNeXt's), before it, or after the 1x1 expansion", choices=NORM_POSITIONS)
+    layer_scale: float | None = flag(None, "ConvNeXt's layer scale: each block's branch times a learned per-channel "
+                                     "factor starting at this value (off, as in the original)", type=at_least(1e-12, float))
 
     def network(self) -> dict:
         """The backbone's keyword arguments: widths and depths where given, drop_path always (a resumed run compares)."""
-        network = dict(stem=self.stem, head_layers=self.head_layers) if self.backbone == "facenn" else {}
+        network = dict(stem=self.stem, head_layers=self.head_layers, norm=self.norm, norm_position=self.norm_position,
+                       layer_scale=self.layer_scale) if self.backbone == "facenn" else {}
         network.update({k: v for k, v in (("widths", self.widths), ("depths", self.depths)) if v})
         return {**network, "drop_path": self.drop_path}
 
@@ -271,6 +279,9 @@ def resolve(config: Config) -> Config:
     widths, depths = config.architecture.widths or WIDTHS, config.architecture.depths or DEPTHS
     if len(widths) != len(depths):
         raise ValueError(f"--widths {widths} and --depths {depths} need one value per stage each")
+    if config.architecture.backbone != "facenn" and (facenn_only := {"norm", "norm_position", "layer_scale"} & given):
+        raise ValueError(f"--{min(facenn_only).replace('_', '-')} is a FaceNN block option, not for --backbone "
+                         f"{config.architecture.backbone}")
     if recipe.warmup_epochs is None:  # the seed's share, 10 of 60 epochs, so that a shorter run still anneals
         recipe.warmup_epochs = round(recipe.epochs / 6)
     if recipe.warmup_epochs >= recipe.epochs:

@@ -150,6 +150,31 @@ def test_recompute_gelu_is_for_the_run_it_is_given_to(tiny_faces, tmp_path):
         recomputing(["--recompute-gelu", "--backbone", "convnext"])
 
 
+def test_the_blocks_norm_options_reach_the_network_and_its_checkpoint(tiny_faces, tmp_path, capsys):
+    """--norm, --norm-position and --layer-scale: the original's block options, from the command line
+    to the checkpoint, which predict rebuilds and a resume keeps."""
+    from torchvision.models.convnext import LayerNorm2d
+
+    from residual_blocks import ConvNeXtBlock
+
+    out, options = tmp_path / "layer", ["--norm", "layer", "--norm-position", "before_dwconv", "--layer-scale", "0.5"]
+    assert run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), "--epochs", "2", *FAST, *options]) == 0
+    model = model_from_checkpoint(out / "last.ckpt", read_checkpoint(out / "last.ckpt"))
+    blocks = [module for module in model.modules() if isinstance(module, ConvNeXtBlock)]
+    assert len(blocks) == 4 and all(isinstance(block.norm, LayerNorm2d) for block in blocks)
+    assert all(block.norm_position == "before_dwconv" and block.layer_scale is not None for block in blocks)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for block in blocks for module in block.modules())
+    assert predict.main(["submit", "--checkpoint", str(out / "last.ckpt"), "--test-dir", str(tiny_faces / "test"),
+                         "--out", str(tmp_path / "submission.csv"), "--num-workers", "0"]) == 0
+    with pytest.raises(UserError, match="--norm batch contradicts"):
+        run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), "--epochs", "3", *FAST, "--resume",
+                           "--norm", "batch"])
+    with pytest.raises(SystemExit):
+        run_training.main(["--data-dir", str(tiny_faces), "--out", str(tmp_path / "c"), *FAST, "--backbone", "convnext",
+                           "--layer-scale", "0.5"])
+    assert "error: --layer-scale is a FaceNN block option, not for --backbone convnext" in capsys.readouterr().err
+
+
 def test_a_compiled_run_writes_a_plain_checkpoint(tiny_faces, tmp_path, monkeypatch):
     """--compile compiles the network in place: the checkpoint loads into an uncompiled model.
     Dynamo and AOTAutograd run as in a real compile; inductor's code generation, a minute of C++
