@@ -50,8 +50,22 @@ class DataError(UserError):
     """A problem with the user's data, told in one line naming the path and what was expected."""
 
 
-def _resize(image_size: int | None) -> list:
-    return [v2.Resize((image_size, image_size))] if image_size else []
+class CentreCrop(torch.nn.Module):
+    """Keeps the centre `fraction` of each side: a face crop that still holds background (LFW's
+    150 px cuts) gives the face more of the network's few pixels."""
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        self.fraction = fraction
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        return v2.functional.center_crop(image, [round(height * self.fraction), round(width * self.fraction)])
+
+
+def _resize(image_size: int | None, crop: float = 1.0) -> list:
+    """The geometry every transform shares: the centre crop (1: none), then the resize."""
+    return ([CentreCrop(crop)] if crop < 1 else []) + ([v2.Resize((image_size, image_size))] if image_size else [])
 
 
 AUTO_AUGMENT = {"none": None, "trivial": v2.TrivialAugmentWide, "rand": v2.RandAugment}
@@ -59,23 +73,26 @@ AUTO_AUGMENT = {"none": None, "trivial": v2.TrivialAugmentWide, "rand": v2.RandA
 
 def train_transform(
     mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None, auto_augment: str = "none",
-    random_erasing: float = 0.0,
+    random_erasing: float = 0.0, crop: float = 1.0, rotation: float = 30,
 ) -> v2.Compose:
     """The original's augmentation of one uint8 image (BatchAugment on a batch of one: the same
     results as v2's RandomRotation(30), RandomHorizontalFlip and ColorJitter(0.2, 0.2, 0.2, 0.2)
     on the tensor, cheaper), then normalised float32 CHW. Resize first, so augmentation runs on
     the small image. Off by default, as in the original: `auto_augment` runs TrivialAugmentWide
     ("trivial") or RandAugment ("rand") on the uint8 image before that, and `random_erasing` is
-    the chance of blanking a random box to the mean (0 once normalised) after it."""
+    the chance of blanking a random box to the mean (0 once normalised) after it. `crop` keeps
+    the centre fraction of each side before the resize, as eval_transform does; `rotation` is the
+    largest angle (degrees) of the random rotation, 30 in the original."""
     auto = [AUTO_AUGMENT[auto_augment]()] if AUTO_AUGMENT[auto_augment] is not None else []
     erasing = [v2.RandomErasing(random_erasing)] if random_erasing > 0 else []
-    return v2.Compose(_resize(image_size) + [v2.ToImage(), *auto, PerImage(BatchAugment(mean, std)), *erasing])
+    augment = PerImage(BatchAugment(mean, std, rotation))
+    return v2.Compose(_resize(image_size, crop) + [v2.ToImage(), *auto, augment, *erasing])
 
 
-def eval_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None) -> v2.Compose:
-    """A normalised float32 CHW tensor, the same every time."""
+def eval_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None, crop: float = 1.0) -> v2.Compose:
+    """A normalised float32 CHW tensor, the same every time (centre crop, then resize)."""
     to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(_resize(image_size) + to_float)
+    return v2.Compose(_resize(image_size, crop) + to_float)
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -454,11 +471,12 @@ def collate_encoded(batch) -> EncodedBatch:
 
 
 def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.device, image_size: int | None,
-                 skipped: set[str]) -> tuple[torch.Tensor, list[int]]:
-    """Decodes a batch of JPEG bytes on `device` (torchvision's batched nvjpeg on CUDA), resizes
-    every image if image_size asks, and stacks them into one uint8 batch. When the batched decode
-    fails, each JPEG is decoded alone: those that fail are left out, warned about once and added
-    to `skipped`, as FaceFolder does on the CPU. Returns the batch and the indices kept."""
+                 skipped: set[str], crop: float = 1.0) -> tuple[torch.Tensor, list[int]]:
+    """Decodes a batch of JPEG bytes on `device` (torchvision's batched nvjpeg on CUDA), centre-crops
+    and resizes every image as `crop` and image_size ask (as the CPU transforms do), and stacks them
+    into one uint8 batch. When the batched decode fails, each JPEG is decoded alone: those that
+    fail are left out, warned about once and added to `skipped`, as FaceFolder does on the CPU.
+    Returns the batch and the indices kept."""
     jpegs = [i for i, image in enumerate(images) if image.ndim == 1]
     decoded = {i: image.to(device, non_blocking=True) for i, image in enumerate(images) if image.ndim == 3}
     try:
@@ -479,8 +497,8 @@ def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.dev
     if not kept:
         raise DataError(f"{paths[0]}: none of the {len(paths)} images of a batch can be read (expected JPEG/PNG)")
     batch = [decoded[i] for i in kept]
-    if image_size:
-        batch = [v2.functional.resize(image, [image_size, image_size]) for image in batch]
+    if geometry := _resize(image_size, crop):
+        batch = [v2.Compose(geometry)(image) for image in batch]
     return collate_same_size([(image, 0) for image in batch])[0], kept
 
 
@@ -495,7 +513,9 @@ class FaceDataModule(L.LightningDataModule):
     workers can keep a GPU fed. Files that fail there are left out of their batch and listed in
     `skipped`.
     auto_augment, random_erasing: added to the CPU train transform (see train_transform), so not
-    with augment_on_device (config.py refuses the two together).
+    with augment_on_device (config.py refuses the two together). crop: the centre fraction of
+    each side kept before resizing, in training and evaluation alike. rotation: the train
+    augmentation's largest angle, in degrees.
     """
 
     def __init__(
@@ -513,17 +533,19 @@ class FaceDataModule(L.LightningDataModule):
         seed: int = 0,
         auto_augment: str = "none",
         random_erasing: float = 0.0,
+        crop: float = 1.0,
+        rotation: float = 30,
     ):
         super().__init__()
         data_dir = str(data_dir)  # saved as text: a Path would stop torch.load(weights_only=True) resuming
         # the input's size and normalisation are the model's, saved with it (predict.py reads them there)
-        self.save_hyperparameters(ignore=["image_size", "mean", "std"])
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self.save_hyperparameters(ignore=["image_size", "crop", "mean", "std"])
+        self.image_size, self.crop, self.mean, self.std = image_size, crop, tuple(mean), tuple(std)
         self.num_workers = DEFAULT_WORKERS if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.class_names: list[str] = []
         self.train_dataset = self.val_dataset = self.test_dataset = None
-        self.batch_augment = BatchAugment(mean, std) if augment_on_device else None
+        self.batch_augment = BatchAugment(mean, std, rotation) if augment_on_device else None
         self.skipped: set[str] = set()  # train files that failed to decode on the device
 
     @property
@@ -555,8 +577,8 @@ class FaceDataModule(L.LightningDataModule):
             encoded = dict(transform=None, loader=read_encoded, with_paths=True)
         else:
             encoded = dict(transform=train_transform(self.mean, self.std, self.image_size, hp.auto_augment,
-                                                     hp.random_erasing))
-        plain = eval_transform(self.mean, self.std, self.image_size)
+                                                     hp.random_erasing, self.crop, hp.rotation))
+        plain = eval_transform(self.mean, self.std, self.image_size, self.crop)
         train = FaceFolder(train_dir, class_names, **encoded)
         empty = sorted(set(class_names) - {class_names[target] for target in train.targets})
         if empty:
@@ -577,17 +599,19 @@ class FaceDataModule(L.LightningDataModule):
         if not isinstance(batch, EncodedBatch):
             return batch
         device = self.trainer.strategy.root_device
-        images, kept = decode_batch(batch.images, batch.paths, device, self.image_size, self.skipped)
+        images, kept = decode_batch(batch.images, batch.paths, device, self.image_size, self.skipped, self.crop)
         return self.batch_augment.to(device)(images), batch.targets[kept]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the network's input: the resize, or the first train image's
-        size as stored."""
+        size as stored, centre-cropped."""
         if self.image_size:
             return 3, self.image_size, self.image_size
-        image = self.train_dataset[0][0]
-        return tuple((decode_image(image.numpy().tobytes()) if image.ndim == 1 else image).shape)
+        image = self.train_dataset[0][0]  # the CPU path's is transformed, cropped included
+        if self.hparams.augment_on_device:  # the workers' bytes or image, cropped on the device as decode_batch does
+            image = CentreCrop(self.crop)(decode_image(image.numpy().tobytes()) if image.ndim == 1 else image)
+        return tuple(image.shape)
 
     def _loader(self, dataset, sampler=None, drop_last: bool = False, collate_fn=collate_same_size) -> DataLoader:
         return DataLoader(

@@ -46,8 +46,8 @@ FALSE_ACCEPT_RATES = (1e-3, 1e-2)  # where face verification papers quote the tr
 # the model and running it
 
 def model_transform(model: FaceClassifier):
-    """The images as the model saw them in validation: its size and normalisation."""
-    return eval_transform(model.hparams.mean, model.hparams.std, model.hparams.image_size)
+    """The images as the model saw them in validation: its centre crop, size and normalisation."""
+    return eval_transform(model.hparams.mean, model.hparams.std, model.hparams.image_size, model.hparams.crop)
 
 
 def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_workers=DEFAULT_WORKERS, desc="inference"):

@@ -64,7 +64,7 @@ class Resumed(NamedTuple):
 
 
 def parse_args(argv=None) -> Config:
-    return config.parse_args(argv, __doc__, presets={"demo": DEMO_ARGS})
+    return config.parse_args(argv, __doc__, presets={"preset": config.PRESETS, "demo": DEMO_ARGS})
 
 
 def build_model(cfg: Config, data: FaceDataModule, resumed: FaceClassifier | None = None) -> FaceClassifier:
@@ -76,7 +76,8 @@ def build_model(cfg: Config, data: FaceDataModule, resumed: FaceClassifier | Non
     else:
         model = FaceClassifier(
             num_classes=data.num_classes, class_names=data.class_names, architecture=cfg.architecture.network(),
-            backbone=cfg.architecture.backbone, image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std,
+            backbone=cfg.architecture.backbone, image_size=cfg.data.image_size, crop=cfg.data.crop, mean=cfg.data.mean,
+            std=cfg.data.std,
             **cfg.recipe.model(),
         )
         if cfg.run.init_from:  # fine-tuning: another run's weights, this run's optimiser and schedule
@@ -211,7 +212,7 @@ def train(cfg: Config) -> int:
     """The run itself, once --out is this process's alone."""
     L.seed_everything(cfg.data.seed, workers=True, verbose=False)
     cfg, resumed = resume(cfg)
-    accelerator, precision, on_device = cfg.devices()
+    accelerator, precision, on_device = cfg.hardware()
     data = FaceDataModule(**vars(cfg.data), num_workers=cfg.run.num_workers, augment_on_device=on_device)
     data.setup("fit")
     model = build_model(cfg, data, resumed.model if resumed else None)

@@ -119,6 +119,7 @@ class FaceClassifier(L.LightningModule):
         architecture: dict | None = None,
         backbone: str = "facenn",
         image_size: int | None = None,
+        crop: float = 1.0,
         mean: tuple = KAGGLE_MEAN,
         std: tuple = KAGGLE_STD,
         lr: float = 1e-3,

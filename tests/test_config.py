@@ -79,3 +79,10 @@ def test_a_checkpoint_of_the_earlier_layout_gives_its_settings():
     assert config.kept_settings(checkpoint) == dict(
         data_dir="faces", batch_size=8, image_size=40, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), seed=3,
         backbone="facenn", widths=(8, 16, 24, 32), drop_path=0.0, epochs=4, lr=0.003, ema=None, patience=5)
+
+
+def test_every_flag_reads_back_as_its_value_from_the_config():
+    """Config's attributes are its flags: no method may shadow one (--devices once gave a method)."""
+    cfg = run_training.parse_args(["--devices", "2", "--num-nodes", "3"])
+    assert (cfg.devices, cfg.num_nodes) == ("2", 3)
+    assert all(not callable(getattr(cfg, name)) for name in config.FIELDS)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import torchvision
 from torchvision.transforms import v2
 
 import data
@@ -28,6 +29,7 @@ from data import (
     EncodedBatch,
     EpochShuffle,
     FaceDataModule,
+    PerImage,
     TestImages,
     adjust_brightness,
     adjust_contrast,
@@ -166,6 +168,26 @@ def test_eval_transform_normalises_to_float32_chw():
     torch.testing.assert_close(tensor[:, 0, 0], expected)
     assert eval_transform(image_size=32)(image).shape == (3, 32, 32)
     assert train_transform(image_size=24)(image).shape == (3, 24, 24)
+
+
+def test_centre_crop_keeps_the_middle_before_resizing_in_train_and_eval():
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    image[:, 10:30, 10:30] = 255  # the centre half of each side is white, the rest black
+    plain = dict(mean=(0, 0, 0), std=(1, 1, 1))
+    assert torch.equal(eval_transform(**plain, crop=0.5)(image), torch.ones(3, 20, 20))
+    assert torch.equal(eval_transform(**plain, image_size=8, crop=0.5)(image), torch.ones(3, 8, 8))
+    assert eval_transform(**plain, image_size=8)(image).amin() == 0  # no crop: the border stays
+    assert train_transform(image_size=8, crop=0.5)(image).shape == (3, 8, 8)
+    jpeg = torchvision.io.encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))  # a batch holds JPEGs
+    on_device, _ = decode_batch([jpeg, image], ["a.jpg", "centre.png"], torch.device("cpu"), 8, set(), crop=0.5)
+    assert torch.equal(on_device[1], torch.full((3, 8, 8), 255, dtype=torch.uint8))  # augment_on_device crops too
+
+
+def test_rotation_is_the_largest_angle_of_the_train_augmentation(data_dir):
+    module = datamodule(data_dir, rotation=10)
+    (augment,) = [step.batch_module for step in module.train_dataset.transform.transforms if isinstance(step, PerImage)]
+    assert augment.degrees == 10 and augment.sample(1000)["angle"].abs().max() <= 10
+    assert datamodule(data_dir, rotation=10, augment_on_device=True).batch_augment.degrees == 10
 
 
 def test_train_transform_is_random_and_eval_deterministic():
@@ -611,4 +633,4 @@ def test_each_epoch_takes_the_order_of_its_own_epoch(data_dir, monkeypatch):
 ])
 def test_augment_on_device_defaults_to_the_gpu(choice, accelerator, on):
     assert run_training.parse_args([]).augment_on_device == "auto"
-    assert run_training.parse_args(["--augment-on-device", choice, "--accelerator", accelerator]).devices()[2] is on
+    assert run_training.parse_args(["--augment-on-device", choice, "--accelerator", accelerator]).hardware()[2] is on

@@ -18,7 +18,7 @@ from data import DataError
 from synthetic_faces import generate
 from tests.conftest import FAST, TINY_SET
 from tests.test_training import assert_one_line_error
-from training import epoch_metrics
+from training import FaceClassifier, epoch_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # Verification needs embeddings that tell apart people the network never saw, which four
@@ -362,3 +362,11 @@ def test_skip_bad_leaves_out_the_unreadable_image_and_says_so(bad_inputs, tmp_pa
     assert "leaving out 1 unreadable images" in result.stdout and "img/s" in result.stdout
     ids = [row[0] for row in read_rows(out)[1:]]
     assert ids == sorted(path.name for path in bad_inputs["test"].iterdir() if path.name != bad_inputs["bad"].name)
+
+
+def test_inference_applies_the_checkpoints_centre_crop():
+    model = FaceClassifier(num_classes=2, architecture=dict(widths=(8, 8, 8, 8), depths=(1, 1, 1, 1)), image_size=8,
+                           crop=0.5, mean=(0, 0, 0), std=(1, 1, 1))
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    image[:, 10:30, 10:30] = 255  # the centre half of each side: what the model saw in training
+    assert torch.equal(predict.model_transform(model)(image), torch.ones(3, 8, 8))

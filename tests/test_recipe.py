@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+import config
 import run_training
 from data import FaceDataModule, train_transform
 from checkpoints import load_model
@@ -74,6 +75,17 @@ def test_resumed_schedule_continues_and_an_extended_run_is_the_formula_over_the_
 def test_logged_lr_of_a_real_run_is_bolts_closed_form(trained_run):
     lrs = dict(epoch_metrics(trained_run / "metrics.csv")["lr-AdamW"])  # the fixture: 8 epochs, warm-up 1, lr 3e-3
     assert [lrs[e] for e in range(8)] == pytest.approx([bolts_lr(e, 1, 8, 3e-4, 3e-3, 1e-5) for e in range(8)], rel=1e-6)
+
+
+def test_preset_small_sets_exactly_its_values_and_a_given_flag_wins():
+    default, small = run_training.parse_args([]), run_training.parse_args(["--preset", "small"])
+    preset = config.parse_args(config.as_flags(config.PRESETS["small"]))  # the preset's values, typed as flags
+    changed = lambda a, b: {name for name in config.FIELDS if getattr(a, name) != getattr(b, name)}
+    assert changed(small, default) - {"warmup_epochs", "preset"} == set(config.PRESETS["small"])  # and nothing else
+    assert changed(small, preset) == {"preset"}
+    assert small.warmup_epochs == round(45 / 6)  # the warm-up follows the preset's --epochs
+    overridden = run_training.parse_args(["--preset", "small", "--epochs", "3"])
+    assert overridden.epochs == 3 and overridden.widths == (32, 64, 128, 256)
 
 
 def test_warmup_is_the_seeds_share_of_the_run_unless_given():
@@ -255,7 +267,7 @@ def test_compare_recipes_trains_both_recipes_and_writes_table_and_plot(tiny_face
 
 def test_augment_on_device_auto_stays_on_the_cpu_for_cpu_only_augmentations():
     def on_a_gpu(*flags):
-        return run_training.parse_args(["--accelerator", "cuda", *flags]).devices()
+        return run_training.parse_args(["--accelerator", "cuda", *flags]).hardware()
 
     assert on_a_gpu() == ("cuda", "16-mixed", True)
     assert on_a_gpu("--random-erasing", "0.25")[2] is False and on_a_gpu("--auto-augment", "rand")[2] is False

@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import config
 import run_training
 from callbacks import ResumableCSVLogger
 from checkpoints import AtomicCheckpointIO
@@ -295,3 +296,19 @@ def test_resuming_into_less_than_the_runs_warm_up_is_refused(tiny_faces, tmp_pat
     watch.stop_at = None
     with pytest.raises(UserError, match="--epochs 3 ends within .* warm-up of 4 epochs"):
         train(tiny_faces, out, "--resume", "--epochs", "3")
+
+
+def test_a_preset_run_resumes_with_its_checkpoints_settings_with_or_without_the_preset(tiny_faces, tmp_path, watch):
+    out = tmp_path / "run"
+    watch.stop_at = 4  # the start of epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_faces, out, "--preset", "small")  # FAST and EPOCHS, given, win over the preset's values
+    watch.stop_at = None
+    checkpoint = load(out / "last.ckpt")
+    kept, given = config.kept_settings(checkpoint), run_training.parse_args([*FAST, *EPOCHS]).given
+    preset = config.parse_args(config.as_flags(config.PRESETS["small"]))
+    for name in set(config.PRESETS["small"]) - given:
+        assert kept[name] == getattr(preset, name), name
+    assert train(tiny_faces, out, "--resume", "--epochs", "5") == 0  # without the preset: the original's defaults lose
+    assert train(tiny_faces, out, "--resume", "--epochs", "6", "--preset", "small") == 0
+    assert load(out / "last.ckpt")["hyper_parameters"] == {**checkpoint["hyper_parameters"], "max_epochs": 6}

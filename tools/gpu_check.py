@@ -237,7 +237,7 @@ def training_runs(check: Check, data: Path | None) -> None:
 def as_on_a_gpu(flags: list[str]) -> list[str]:
     """A row's flags with the data path that `--augment-on-device auto` takes on a GPU made explicit,
     so that the dry run on the CPU rehearses the path of the real check, not the CPU's."""
-    _, _, on = config.parse_args(["--accelerator", "cuda", *flags]).devices()
+    _, _, on = config.parse_args(["--accelerator", "cuda", *flags]).hardware()
     return [*flags, "--augment-on-device", "on" if on else "off"]
 
 
