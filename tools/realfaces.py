@@ -67,7 +67,8 @@ SPLITS = {
 PAIRS = "pairsDevTest.txt"  # View 1's test pairs: people of peopleDevTest.txt, none of them trained on
 COMMON = ["--accelerator", "cpu", "--wandb", "off"]  # after every network row's flags, with those of settings()
 IMAGE_SIZE = 64  # what the mean/std are measured at, and eigenfaces' grey images
-EIGENFACES = dict(components=150, C=(1, 10, 100, 1000))  # C chosen on dev
+# the SVM's C, and its gamma as a multiple of scikit-learn's "scale" (1 / (features x variance)), chosen on dev
+EIGENFACES = dict(components=150, C=(1, 10, 100, 1000), gamma=(0.03, 0.1, 0.3, 1, 3))
 # --quick: small enough for a test, the same code path
 QUICK = dict(people=20, epochs=2, image_size=32, flags=["--widths", "8,16,24,32", "--depths", "1,1,1,1"])
 
@@ -135,8 +136,9 @@ def verification_row(split: Split, out: Path, flags: list[str], workers: int, lf
 
 def eigenfaces_row(split: Split, image_size: int) -> dict:
     """Eigenfaces (Turk and Pentland 1991) as scikit-learn's face recognition example runs them:
-    each grey image a vector, PCA to 150 whitened components, an RBF SVM with C chosen on dev. The
-    floor that shows what the networks add."""
+    each grey image a vector, PCA to 150 whitened components, an RBF SVM with C and gamma chosen on
+    dev (their grid search, on the dev split rather than by cross-validation, as the networks pick
+    their best epoch). The floor that shows what the networks add."""
     from sklearn.decomposition import PCA
     from sklearn.svm import SVC
 
@@ -154,9 +156,11 @@ def eigenfaces_row(split: Split, image_size: int) -> dict:
     x_test, y_test = vectors(test, lambda name: classes.index(truth[name]))
     pca = PCA(min(EIGENFACES["components"], *x_train.shape), whiten=True, svd_solver="randomized", random_state=0)
     x_train, x_dev, x_test = pca.fit_transform(x_train), pca.transform(x_dev), pca.transform(x_test)
-    svms = {c: SVC(C=c, kernel="rbf", class_weight="balanced").fit(x_train, y_train) for c in EIGENFACES["C"]}
-    c = max(svms, key=lambda c: svms[c].score(x_dev, y_dev))
-    return dict(accuracy=svms[c].score(x_test, y_test), C=c, image_size=image_size)
+    scale = 1 / (x_train.shape[1] * x_train.var())
+    svms = {(c, g): SVC(C=c, gamma=g * scale, class_weight="balanced").fit(x_train, y_train)
+            for c in EIGENFACES["C"] for g in EIGENFACES["gamma"]}
+    c, g = max(svms, key=lambda key: svms[key].score(x_dev, y_dev))  # the first of equals: the smallest C and gamma
+    return dict(accuracy=svms[c, g].score(x_test, y_test), C=c, gamma=g, image_size=image_size)
 
 
 def missing(name: str) -> str | None:
@@ -219,8 +223,11 @@ def how(name: str, result) -> str:
     """What a row runs, for its table."""
     row = ROWS[name]
     if row.flags is None:
-        chosen, size = (f"; C = {result['C']} chosen on dev", result["image_size"]) if isinstance(result, dict) else ("", IMAGE_SIZE)
-        return f"eigenfaces: PCA to {EIGENFACES['components']} whitened components + RBF SVM (scikit-learn{chosen}), {size} px grey"
+        size, chosen = IMAGE_SIZE, ""
+        if isinstance(result, dict):
+            size, chosen = result["image_size"], f"; C {result['C']}, gamma {result['gamma']} x scale, chosen on dev"
+        return (f"eigenfaces: PCA to {EIGENFACES['components']} whitened components + RBF SVM (scikit-learn{chosen}), "
+                f"{size} px grey")
     init = f" --init-from {row.init_from}/best.ckpt" if row.init_from else ""
     return f"`{shlex.join(row.flags)}{init}`"
 
@@ -262,7 +269,8 @@ def markdown(args, argv: list[str], results: dict, splits: dict) -> str:
         "# Real faces: the benchmark",
         "",
         f"Written by `python tools/realfaces.py {shlex.join(argv)}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
-        f"UTC: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        f"UTC: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}; 1-minute load average "
+        f"{args.load:.1f} at the start, {os.getloadavg()[0]:.1f} when written), torch {torch.__version__}, "
         "every row measured in this one run, one after the other. Every network row is `run_training.py` with its "
         f"flags below, then `{shlex.join(settings(args)[2])}` and its split's own `--mean/--std` "
         "(`data.compute_mean_std`)" + (f"; `--quick` takes {QUICK['people']} people of each split" if args.quick else "")
@@ -320,6 +328,7 @@ def main(argv=None) -> int:
                         "as in ../shared/realfaces/lfw)")
     if args.work is not None and args.work.exists() and (not args.work.is_dir() or any(args.work.iterdir())):
         raise UserError(f"--work {args.work}: not empty (expected a new or empty folder for the splits and checkpoints)")
+    args.load = os.getloadavg()[0]  # other processes' share of the cores, for reading the minutes
     with ExitStack() as stack:
         if args.work is None:
             args.work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="realfaces-")))
