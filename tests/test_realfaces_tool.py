@@ -28,6 +28,7 @@ def test_quick_run_writes_every_requested_row_with_numbers(tmp_path):
     assert realfaces.main(["--lfw", str(REAL_LFW), "--quick", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     text = out.read_text()
     assert "[realfaces.md](realfaces.md)" in text and "--quick" in text
+    assert "not measured yet" not in text and "not in this run" not in text
     for name in realfaces.ROWS:
         row = re.search(rf"^\| {name} \| [^\n]*$", text, re.MULTILINE)
         assert row, f"no row {name} in\n{text}"
@@ -48,10 +49,11 @@ def test_an_arcface_row_needs_its_ce_row_and_a_missing_lfw_is_one_line(tmp_path,
     assert not (tmp_path / "bench.md").exists()
 
 
-def test_rows_picks_the_rows_and_the_tables(tmp_path):
+def test_rows_picks_the_rows_measured_and_the_others_say_so(tmp_path):
     if not REAL_LFW.is_dir():
         pytest.skip(f"LFW absent (expected it at {REAL_LFW})")
     out = tmp_path / "bench.md"
     realfaces.main(["--lfw", str(REAL_LFW), "--quick", "--rows", "eigenfaces", "--out", str(out)])
-    rows = re.findall(r"^\| (\S+) \|", out.read_text(), re.MULTILINE)
-    assert rows == ["row", "eigenfaces"] and "Verification" not in out.read_text()
+    rows = dict(re.findall(r"^\| (\S+) \| .*? \| ([^|]*) \|", out.read_text(), re.MULTILINE))
+    assert list(rows) == ["row", *realfaces.ROWS]  # every row, those not asked for saying so
+    assert {name for name, first in rows.items() if first == "not in this run's --rows"} == set(realfaces.ROWS) - {"eigenfaces"}

@@ -36,7 +36,7 @@ from torchvision.transforms import v2  # noqa: E402
 
 import predict  # noqa: E402
 import run_training  # noqa: E402
-from cli import ArgumentParser, UserError, at_least, atomic_write, run  # noqa: E402
+from cli import ArgumentParser, UserError, at_least, atomic_write, check_outputs, run  # noqa: E402
 from data import FaceFolder, TestImages, compute_mean_std, identity_folders, split_identities  # noqa: E402
 
 SIZE_AND_BATCH = ["--image-size", "64", "--batch-size", "32"]
@@ -233,10 +233,10 @@ def how(name: str, result) -> str:
 
 
 def cells(name: str, result) -> list[str]:
-    """A row's measured cells: its task's columns, then wall and CPU minutes."""
+    """A row's measured cells: its task's columns, then wall and CPU minutes; or why it has none."""
     width = len(HEADERS[ROWS[name].task])
-    if result is None or isinstance(result, str):
-        return [result or "not measured yet"] + [""] * (width - 1)
+    if isinstance(result, str):
+        return [result] + [""] * (width - 1)
     if ROWS[name].task == "identification":
         scores = [f"{result['accuracy']:.1%}"]
     else:
@@ -264,7 +264,8 @@ TASK_TEXT = {
 
 
 def markdown(args, argv: list[str], results: dict, splits: dict) -> str:
-    """The whole document, from the rows measured so far."""
+    """The whole document, from the rows measured so far: every row of ROWS, each measured one with
+    its numbers."""
     lines = [
         "# Real faces: the benchmark",
         "",
@@ -278,16 +279,14 @@ def markdown(args, argv: list[str], results: dict, splits: dict) -> str:
         "The recipe ablation behind `--preset small` is in [realfaces.md](realfaces.md).",
     ]
     for task, headers in HEADERS.items():
-        names = [name for name in ROWS if name in args.rows and ROWS[name].task == task]
-        if not names:
-            continue
         split = splits.get(task)
         about = (f": {split.counts['identities']:,} people; {split.counts['train']:,} train, {split.counts['dev']:,} dev, "
                  f"{split.counts['test']:,} test images; mean {fmt(split.mean)}, std {fmt(split.std)}" if split else "")
         lines += ["", TASK_TEXT[task].format(split=about), "",
                   "| row | what | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
-        lines += [f"| {name} | {how(name, results.get(name))} | " + " | ".join(cells(name, results.get(name))) + " |"
-                  for name in names]
+        for name in [name for name in ROWS if ROWS[name].task == task]:  # all of them: what is left shows
+            result = results.get(name, "not measured yet" if name in args.rows else "not in this run's --rows")
+            lines.append(f"| {name} | {how(name, result)} | " + " | ".join(cells(name, result)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +301,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lfw", type=Path, required=True, help="LFW: images/ and the protocol files (../shared/realfaces/lfw)")
     p.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS), metavar="ROW",
-                   help=f"the rows to measure (default all): {', '.join(ROWS)}")
+                   help=f"the rows to measure (default all), in this order: {', '.join(ROWS)}")
     p.add_argument("--epochs", type=at_least(1), help="every network row trains this many epochs (default: its own)")
     p.add_argument("--quick", action="store_true",
                    help=f"tiny: {QUICK['people']} people per split, {QUICK['epochs']} epochs, "
@@ -326,6 +325,7 @@ def main(argv=None) -> int:
     if absent := [name for name in needed if not (args.lfw / name).exists()]:
         raise UserError(f"{args.lfw}: no {absent[0]} (expected LFW's images/ and protocol files, "
                         "as in ../shared/realfaces/lfw)")
+    check_outputs({"--out": args.out}, {"--lfw": args.lfw})
     if args.work is not None and args.work.exists() and (not args.work.is_dir() or any(args.work.iterdir())):
         raise UserError(f"--work {args.work}: not empty (expected a new or empty folder for the splits and checkpoints)")
     args.load = os.getloadavg()[0]  # other processes' share of the cores, for reading the minutes
