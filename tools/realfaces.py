@@ -74,6 +74,7 @@ QUICK = dict(people=20, epochs=2, image_size=32, flags=["--widths", "8,16,24,32"
 
 
 class Split(NamedTuple):
+    """A task's split, made once and shared by its rows, with the normalisation its networks train at."""
     folder: Path
     mean: tuple
     std: tuple
@@ -96,10 +97,9 @@ def prepare_split(lfw: Path, task: str, work: Path, image_size: int, people: int
     chosen = sorted(name for name, count in read_people(lfw / settings.pop("people")).items()
                     if count >= settings["min_images"])[:people]
     source = work / f"{task}-people"
-    source.mkdir(parents=True, exist_ok=True)
+    source.mkdir(parents=True)  # --work is new or empty
     for name in chosen:
-        if not (source / name).exists():
-            (source / name).symlink_to((lfw / "images" / name).resolve())
+        (source / name).symlink_to((lfw / "images" / name).resolve())
     folder = work / f"{task}-split"
     counts = split_identities(source, folder, **settings, link=True)
     mean, std = compute_mean_std(folder / "train", image_size=image_size)
