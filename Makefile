@@ -31,8 +31,8 @@ $(GPU_VENV)/.installed: requirements-gpu.txt
 # On a GPU machine, with that machine's own python and nothing installed (docs/gpu.md):
 #   make gpu-check PYTHON=python3 [GPU_CHECK_FLAGS="--report PATH --budget SECONDS"]
 gpu-check:
-	$(PYTHON) gpu_check.py $(GPU_CHECK_FLAGS)
+	$(PYTHON) -m tools.gpu_check $(GPU_CHECK_FLAGS)
 
 # The same steps at tiny sizes on the CPU: the check works before a GPU is at hand.
 gpu-check-dry:
-	$(PYTHON) gpu_check.py --dry $(GPU_CHECK_FLAGS)
+	$(PYTHON) -m tools.gpu_check --dry $(GPU_CHECK_FLAGS)

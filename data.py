@@ -608,9 +608,8 @@ class FaceDataModule(L.LightningDataModule):
         # one each epoch); otherwise every image is used.
         world = self.trainer.world_size if self.trainer is not None else 1
         per_device = -(-len(self.train_dataset) // world)  # DistributedSampler pads to equal shares
-        epoch = (lambda: self.trainer.current_epoch) if self.trainer is not None else (lambda: 0)
         collate = collate_encoded if self.hparams.augment_on_device else collate_same_size
-        shuffle = EpochShuffle(len(self.train_dataset), epoch, self.hparams.seed)
+        shuffle = EpochShuffle(len(self.train_dataset), self.hparams.seed)
         return self._loader(EpochSeeded(self.train_dataset, self.hparams.seed), shuffle,
                             drop_last=per_device % self.hparams.batch_size == 1, collate_fn=collate)
 
@@ -632,18 +631,21 @@ def seed_of(seed: int, key: int) -> int:
 class EpochShuffle(torch.utils.data.Sampler):
     """A random order of the dataset's images that depends on the run's seed and the epoch alone, not
     on how the run got there, so a run resumed from a checkpoint sees each epoch's images in the
-    order an uninterrupted run does. It hands out keys for EpochSeeded: epoch * size + index."""
+    order an uninterrupted run does. Lightning calls set_epoch before each epoch (through its
+    DistributedSampler wrapper under DDP). It hands out keys for EpochSeeded: epoch * size + index."""
 
-    def __init__(self, size: int, epoch, seed: int = 0):
-        self.size, self.epoch, self.seed = size, epoch, seed  # epoch: a function, read when each epoch starts
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self):
-        epoch = self.epoch()
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed_of(self.seed, epoch)))
-        return iter((epoch * self.size + order).tolist())
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed_of(self.seed, self.epoch)))
+        return iter((self.epoch * self.size + order).tolist())
 
 
 class EpochSeeded(Dataset):

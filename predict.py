@@ -33,10 +33,11 @@ from torchmetrics.functional.classification import (binary_auroc, binary_roc, bi
                                                     multiclass_accuracy)
 from tqdm import tqdm
 
+from checkpoints import load_model, read_checkpoint
 from cli import ArgumentParser, at_least, atomic_write, check_outputs, finite_float, keep_freed_memory, run
 from data import (DEFAULT_WORKERS, NO_MATCH, DataError, FaceFolder, TestImages, collate_same_size, eval_transform,
                   find_images, identity_folders)
-from training import FaceClassifier, load_model, read_checkpoint
+from training import FaceClassifier
 
 FALSE_ACCEPT_RATES = (1e-3, 1e-2)  # where face verification papers quote the true accept rate
 

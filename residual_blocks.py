@@ -1,5 +1,4 @@
-"""Residual blocks of FaceNN: the ConvNeXt block, the MobileNetV2 inverted bottleneck, a ResNet
-bottleneck.
+"""Residual blocks of FaceNN: the ConvNeXt block and the MobileNetV2 inverted bottleneck.
 
 Every layer is built with its channel counts, so parameter counts and the optimiser see the whole
 block at construction. 1x1 convolutions of the ConvNeXt block run as `nn.Linear` on the
@@ -75,7 +74,7 @@ class ConvNeXtBlock(nn.Module):
 
     `recompute_gelu` trades time for memory: backward recomputes the GELU's 4x-wide output from its
     input (selective activation checkpointing) instead of keeping both, the largest tensors of a
-    training step. Same gradients, less memory for a little more time (`python bench.py` prints
+    training step. Same gradients, less memory for a little more time (`python -m tools.bench` prints
     both memory figures).
     """
 
@@ -174,26 +173,3 @@ class InvertedBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.layers(x) if self.residual else self.layers(x)
-
-
-class ClassicBottleneck(nn.Module):
-    """ResNet bottleneck: 1x1 reduce -> BN -> ReLU -> kxk -> BN -> ReLU -> 1x1 expand -> BN, plus
-    the input, then ReLU. Kept for comparison with the ConvNeXt block."""
-
-    def __init__(self, channels: int, reduction: int = 4, kernel_size: int = 3):
-        super().__init__()
-        hidden = channels // reduction
-        self.layers = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1, bias=False),
-            nn.BatchNorm2d(channels),
-        )
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x + self.layers(x))

@@ -24,19 +24,19 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS, count_parameters
+from callbacks import EpochSeed, ResumableCSVLogger, ThroughputMonitor
+from checkpoints import AtomicCheckpointIO, model_from_checkpoint, read_checkpoint
 from cli import (ArgumentParser, UserError, at_least, finite_float, folder_lock, keep_freed_memory, overlaps, pick_device,
                  run)
 from data import AUTO_AUGMENT, KAGGLE_MEAN, KAGGLE_STD, DataError, FaceDataModule
 from residual_blocks import ConvNeXtBlock
-from training import (BACKBONES, MARGINS, AtomicCheckpoint, EpochSeed, FaceClassifier, ResumableCSVLogger,
-                      ThroughputMonitor, default_warmup, model_from_checkpoint, plot_curves, read_checkpoint,
-                      warmup_cosine_lr)
+from training import BACKBONES, MARGINS, FaceClassifier, default_warmup, plot_curves, warmup_cosine_lr
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
 # The flags whose values a checkpoint keeps, and where: a resumed run takes them from there, and
@@ -173,7 +173,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--depths", type=int_list, help="comma-separated stage depths (default 2,2,6,2)")
     p.add_argument("--recompute-gelu", action="store_true",
                    help="less memory, a little slower: backward recomputes FaceNN's GELUs (this run only)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (measure first: python bench.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (measure first: python -m tools.bench)")
     p.add_argument("--patience", type=at_least(1), default=20, help="early stopping on dev loss")
     p.add_argument("--resume", nargs="?", const="last", type=str,
                    help="continue from a checkpoint (default OUT/last.ckpt) with its settings; --epochs N extends it")
@@ -354,9 +354,6 @@ def clear_earlier_run(out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.wandb != "off" and importlib.util.find_spec("wandb") is None:  # an optional package (the GPU machine lacks it)
-        raise UserError(f"--wandb {args.wandb} needs the wandb package (pip install wandb, as requirements.txt pins it), "
-                        "or pass --wandb off")
     keep_freed_memory()
     if args.demo:
         from synthetic_faces import generate
@@ -405,23 +402,26 @@ def train(args) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - data.num_workers))
     validate = not args.full
     # two callbacks: Lightning's save_last only follows epochs that improved the monitored metric
-    last = AtomicCheckpoint(dirpath=args.out, filename="last", enable_version_counter=False)
-    best = AtomicCheckpoint(dirpath=args.out, filename="best", monitor="val_acc", mode="max", enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=args.out, filename="last", enable_version_counter=False)
+    best = ModelCheckpoint(dirpath=args.out, filename="best", monitor="val_acc", mode="max", enable_version_counter=False)
     # the bar reads the loss from the GPU when it redraws: on a GPU only at the steps the loggers write
     bar = TQDMProgressBar(refresh_rate=1 if accelerator == "cpu" else LOG_EVERY_N_STEPS)
     callbacks = [LearningRateMonitor("epoch"), ThroughputMonitor(), EpochSeed(args.seed), bar]
     if validate:
         callbacks += [EarlyStopping("val_loss", patience=args.patience), best]
     callbacks.append(last)  # the last to save, so that it holds every other callback's state of its epoch
-    # flushed at every log call, so a killed run keeps its log
-    loggers = [ResumableCSVLogger(args.out, flush_logs_every_n_steps=1)]
+    loggers = [ResumableCSVLogger(args.out)]
     if args.wandb != "off":
+        if importlib.util.find_spec("wandb") is None:  # an optional package (the GPU machine lacks it)
+            raise UserError(f"--wandb {args.wandb} needs the wandb package (pip install wandb, as requirements.txt "
+                            "pins it), or pass --wandb off")
         loggers.append(WandbLogger(project="FaceClassifier", save_dir=args.out, offline=args.wandb == "offline"))
     try:
         trainer = L.Trainer(
             accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
             precision=precision, max_epochs=model.hparams.max_epochs, callbacks=callbacks, logger=loggers,
             default_root_dir=args.out, benchmark=True, log_every_n_steps=LOG_EVERY_N_STEPS,
+            plugins=[AtomicCheckpointIO()],  # each checkpoint written whole or not at all
         )
     except (MisconfigurationException, ValueError) as error:  # --accelerator, --devices, --strategy, --precision
         raise UserError(" ".join(str(error).split())) from error
@@ -452,8 +452,6 @@ def train(args) -> int:
             print(f"terminated (SIGTERM): {hint}", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
         raise
-    if world > 1 and validate:  # every rank reports: synced metrics agree across ranks
-        print(f"rank {trainer.global_rank}: dev accuracy {trainer.callback_metrics['val_acc']:.6f}")
     if not trainer.is_global_zero:
         return 0
     if trainer.strategy.root_device.type == "cuda":

@@ -9,29 +9,19 @@ normalisation, and the checkpoint carries the class mapping (index -> identity f
 import csv
 import inspect
 import math
-import os
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import callbacks
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from architecture import NUM_CLASSES, WIDTHS, FaceNN, convnext_baseline, train_flops
-from cli import UserError, atomic_write, pick_device
-from data import KAGGLE_MEAN, KAGGLE_STD, seed_of
-
-CHECKPOINT_HELP = "expected a .ckpt written by run_training.py"
+from data import KAGGLE_MEAN, KAGGLE_STD
 
 
 def warmup_cosine_lr(epoch, warmup_epochs=10, max_epochs=60, warmup_start_lr=3e-4, peak_lr=1e-3, min_lr=1e-5):
@@ -152,7 +142,7 @@ class FaceClassifier(L.LightningModule):
     ):
         super().__init__()
         # the class names go into the checkpoint itself (on_save_checkpoint), not into every
-        # logger's hyperparameters: 7001 of them would flood hparams.yaml and wandb's config
+        # logger's hyperparameters: 7001 of them would flood wandb's config
         self.save_hyperparameters(ignore=["class_names"])
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         if len(self.class_names) != num_classes:
@@ -176,7 +166,7 @@ class FaceClassifier(L.LightningModule):
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.flops_per_image: int | None = None  # counted at the first training batch, when its size is known
-        self.flops_per_batch: int | None = None  # what ThroughputMonitor reads
+        self.flops_per_batch: int | None = None  # what callbacks.ThroughputMonitor reads
         self.first_bad_loss: torch.Tensor | None = None  # step, epoch and value; see watch_loss
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,6 +233,12 @@ class FaceClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.raise_if_diverged()
+        # what the run used (tools/gpu_check.py reads them): data workers per device and, on a GPU, the
+        # peak memory so far, validation included, of the device that needed the most
+        log = dict(sync_dist=True, reduce_fx="max")
+        self.log("data_workers", float(self.trainer.train_dataloader.num_workers), **log)
+        if self.device.type == "cuda":
+            self.log("peak_gpu_memory", float(torch.cuda.max_memory_allocated(self.device)), **log)
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch
@@ -334,157 +330,9 @@ def flag_value(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def read_checkpoint(path) -> dict:
-    """A run_training.py checkpoint's contents, checked: a missing, damaged or foreign file is a
-    UserError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found ({CHECKPOINT_HELP})")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged file fails in many ways: zip, pickle, EOF, key errors
-        reason = ": ".join(filter(None, [type(error).__name__, str(error).strip().split("\n")[0].split(". ")[0]]))
-        raise UserError(f"{path}: cannot read checkpoint ({reason}); {CHECKPOINT_HELP}") from error
-    keys = ("hyper_parameters", "class_names", "state_dict")
-    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in keys):
-        raise UserError(f"{path}: not a FaceClassifier checkpoint, no {'/'.join(keys)} ({CHECKPOINT_HELP})")
-    return checkpoint
-
-
-def model_from_checkpoint(path, checkpoint: dict) -> FaceClassifier:
-    """The FaceClassifier a checkpoint describes, with its weights, in training mode as a new module is."""
-    try:
-        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k != "channels_last"}  # an older flag
-        model = FaceClassifier(**hparams, class_names=checkpoint["class_names"])
-        model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as error:
-        raise UserError(f"{path}: its weights or settings do not fit FaceClassifier ({CHECKPOINT_HELP})") from error
-    return model
-
-
-def load_model(path, device: str = "auto") -> FaceClassifier:
-    """The model a checkpoint describes, for inference: in eval mode on `device`, whatever device it
-    was saved from."""
-    return model_from_checkpoint(path, read_checkpoint(path)).to(pick_device(device)).eval()
-
-
-class EpochSeed(L.Callback):
-    """Seeds the random state of the training steps (mixup, drop-path, augmentation on the device)
-    at the start of each epoch from (seed, epoch), so that an epoch draws the same whether the run
-    got there in one go or was resumed from a checkpoint. The data's order and augmentation have
-    seeds of their own (data.EpochShuffle, data.EpochSeeded)."""
-
-    def __init__(self, seed: int = 0):
-        self.seed = seed
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        torch.manual_seed(seed_of(self.seed, trainer.current_epoch))
-
-
-def images_in(batch) -> int:
-    return len(batch[1])
-
-
-class ThroughputMonitor(callbacks.ThroughputMonitor):
-    """Lightning's ThroughputMonitor (images/s, FLOP/s and, on GPUs Lightning knows, the fraction of
-    their peak, over its last `window_size` readings, logged as train/...), reading its clock only
-    at the steps the loggers write and at each epoch's last step. At each epoch's end it also logs
-    that epoch's train_img_per_s and train_flop_per_s over the whole epoch, data loading included,
-    and train_images, all summed over devices.
-
-    Lightning's own reads the clock every step after torch.cuda.synchronize(), so the host could
-    never queue the next step while the GPU works on this one; here the steps in between are
-    counted, and timed together at the next reading."""
-
-    def __init__(self, window_size: int = 4):
-        super().__init__(batch_size_fn=images_in, window_size=window_size)
-
-    @rank_zero_only
-    def on_train_start(self, trainer, pl_module):
-        super().on_train_start(trainer, pl_module)
-        self.unclocked_flops = 0
-        self.epoch_start = (0.0, 0)  # seconds and images at the last epoch's end, as the totals count them
-
-    @rank_zero_only
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        stage, throughput = RunningStage.TRAINING, self._throughputs[RunningStage.TRAINING]
-        self._samples[stage] += self.batch_size_fn(batch)
-        self._batches[stage] += 1
-        self.unclocked_flops += pl_module.flops_per_batch or 0
-        last = batch_idx + 1 == trainer.num_training_batches
-        if not (trainer._logger_connector.should_update_logs or last):
-            return
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()  # the clock reads when the GPU has finished the steps it counts
-        throughput.update(time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage],
-                          samples=self._samples[stage], flops=self.unclocked_flops or None)
-        self.unclocked_flops = 0
-        self._compute(trainer)  # logs at the loggers' steps only
-        if last:
-            self.log_epoch(trainer, pl_module, throughput.compute())
-
-    def log_epoch(self, trainer, pl_module, totals: dict) -> None:
-        seconds, images = totals["time"] - self.epoch_start[0], totals["samples"] - self.epoch_start[1]
-        self.epoch_start = (totals["time"], totals["samples"])
-        world, rate = trainer.world_size, images / seconds
-        log = dict(on_step=False, on_epoch=True, rank_zero_only=True)
-        pl_module.log("train_img_per_s", world * rate, prog_bar=True, **log)
-        pl_module.log("train_images", float(world * images), **log)
-        if pl_module.flops_per_image:
-            pl_module.log("train_flop_per_s", world * rate * pl_module.flops_per_image, **log)
-
-
-class AtomicCheckpoint(ModelCheckpoint):
-    """Writes each checkpoint beside its target and renames it into place, so an interrupted
-    write never leaves a half-written file as the only copy."""
-
-    def _save_checkpoint(self, trainer, filepath):
-        partial = Path(f"{filepath}.partial")
-        try:
-            super()._save_checkpoint(trainer, str(partial))
-            if trainer.is_global_zero:
-                partial.replace(filepath)
-        finally:  # a failed write leaves the previous checkpoint alone; only rank 0 writes the file,
-            if trainer.is_global_zero:  # and another rank deleting it would race rank 0's rename (DDP)
-                partial.unlink(missing_ok=True)
-        self._last_checkpoint_saved = filepath
-
-
-class ResumableCSVLogger(CSVLogger):
-    """CSVLogger whose metrics.csv survives: a resumed run appends to the file it finds (Lightning's
-    deletes it), and a new column rewrites the file beside itself and renames it into place
-    (Lightning's truncates it first, so a run killed in between loses its log)."""
-
-    def __init__(self, save_dir, **kwargs):
-        super().__init__(save_dir, name="", version="", **kwargs)
-
-    @property
-    def experiment(self):
-        if self._experiment is None and rank_zero_only.rank == 0:
-            self._experiment = KeepingWriter(log_dir=self.log_dir)
-        return super().experiment
-
-
-class KeepingWriter(ExperimentWriter):
-    """The CSV writer that goes on from an existing metrics.csv under its header, and rewrites it
-    for a new column atomically."""
-
-    def _check_log_dir_exists(self) -> None:
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = next(csv.reader(f), [])
-
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        with open(self.metrics_file_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        with atomic_write(Path(self.metrics_file_path)) as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-
-
 def epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-epoch series from a CSVLogger's metrics.csv: {metric: [(epoch, value), ...]}.
+    """Per-epoch series from a run's metrics.csv (callbacks.ResumableCSVLogger's):
+    {metric: [(epoch, value), ...]}.
 
     Rows logged at an epoch's start (the learning rate) carry no epoch: they count for the epoch
     of the next row that does."""

@@ -2,6 +2,7 @@
 test session."""
 
 import os
+from pathlib import Path
 
 # Tiny networks gain nothing from intra-op threads, and the tests run subprocesses and data
 # workers beside each other: one thread each keeps 2 cores from thrashing (set before torch
@@ -15,6 +16,10 @@ import run_training  # noqa: E402
 from synthetic_faces import generate  # noqa: E402
 
 torch.set_num_threads(1)
+
+# LFW's real photographs (shared/realfaces/README.md), beside the repository and read-only: tests that
+# need them skip, saying so, where they are absent; nothing of them is in the repository.
+REAL_LFW = Path(__file__).resolve().parents[2] / "shared" / "realfaces" / "lfw"
 
 TINY_SET = dict(identities=4, train_per_identity=8, dev_per_identity=3, test_per_identity=2, image_size=48, seed=0)
 # run_training.py flags for a fast CPU run of a tiny network (the warm-up is the default, round(epochs / 6))

@@ -1,4 +1,4 @@
-"""bench.py: what the quick run prints (the dry GPU check runs it), FLOPs of grouped convolutions,
+"""tools/bench.py: what the quick run prints (the dry GPU check runs it), FLOPs of grouped convolutions,
 the memory tracer."""
 
 import torch
@@ -7,12 +7,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from architecture import FaceNN, conv_backward_flops, convnext_baseline, count_parameters
-from bench import PART_ROWS, parts
-from memory import LiveMemory
+from tools.bench import PART_ROWS, parts
+from tools.memory import LiveMemory
 
 
 def check_quick_run(output: str) -> None:
-    """What `python bench.py --quick` prints: the table, the parts, the data path, memory and the
+    """What `python -m tools.bench --quick` prints: the table, the parts, the data path, memory and the
     targets. The dry GPU check runs it (tests/test_gpu_check.py), so the suite runs it once."""
     lines = output.splitlines()
     assert "| model | layout | compile | train img/s | x ref |" in output

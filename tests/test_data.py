@@ -17,6 +17,7 @@ from PIL import Image
 
 from torchvision.transforms import v2
 
+import data
 import run_training
 from cli import one_line
 from data import (
@@ -25,6 +26,7 @@ from data import (
     BatchAugment,
     DataError,
     EncodedBatch,
+    EpochShuffle,
     FaceDataModule,
     TestImages,
     adjust_brightness,
@@ -577,6 +579,31 @@ def test_lightning_fits_with_augmentation_on_the_device(data_dir):
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(probe, datamodule=module)
     assert probe.steps == {"train": 1, "val": 1}
+
+
+def test_each_epoch_takes_the_order_of_its_own_epoch(data_dir, monkeypatch):
+    """Lightning tells the sampler the epoch (set_epoch): the order follows the run's seed and the
+    epoch, so epochs differ and a resumed run's epoch equals an uninterrupted run's."""
+    orders = []
+    decode = data.decode_batch
+
+    def recording(images, paths, *args):
+        orders.append(list(paths))
+        return decode(images, paths, *args)
+
+    monkeypatch.setattr(data, "decode_batch", recording)
+    module = FaceDataModule(data_dir, batch_size=12, num_workers=0, augment_on_device=True, seed=3)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(Probe(num_classes=4), datamodule=module)
+    samples = module.train_dataset.samples
+    expected = []
+    for epoch in range(3):
+        shuffle = EpochShuffle(len(samples), seed=3)
+        shuffle.set_epoch(epoch)
+        expected.append([samples[key % len(samples)][0] for key in shuffle])
+    assert orders == expected and len({tuple(order) for order in orders}) == 3
 
 
 @pytest.mark.parametrize("choice, accelerator, on", [

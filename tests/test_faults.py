@@ -657,17 +657,17 @@ torch.save = failing_save
 """,
     "half the file written": """
 import errno, io, torch
-from lightning.fabric.plugins.io import torch_io
-atomic_save = torch_io._atomic_save
-def half_save(checkpoint, filepath):
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+save = TorchCheckpointIO.save_checkpoint
+def half_save(self, checkpoint, path, storage_options=None):
     if checkpoint.get("epoch", 0) >= 1:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        with open(filepath, "wb") as f:
+        with open(path, "wb") as f:
             f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", str(filepath))
-    atomic_save(checkpoint, filepath)
-torch_io._atomic_save = half_save
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    save(self, checkpoint, path, storage_options)
+TorchCheckpointIO.save_checkpoint = half_save
 """,
     "rename fails": """
 import errno, pathlib, torch
@@ -762,10 +762,10 @@ CLI_ERRORS = [  # (script, arguments, text of the error line); {data}: the tiny 
     (TRAIN, "--widths 8,16,24", "--widths (8, 16, 24) and --depths (2, 2, 6, 2)"),
     (TRAIN, "--depths 1,1,1,1,1", "--widths (80, 160, 320, 640) and --depths (1, 1, 1, 1, 1)"),
     (TRAIN, "--widths 0,8,16,32", "--widths: expected positive integers"),
-    (TRAIN, "--data-dir {data} --out {out} --precision bogus", "Precision 'bogus' is invalid"),
-    (TRAIN, "--data-dir {data} --out {out} --strategy bogus", "invalid strategy name"),
-    (TRAIN, "--data-dir {data} --out {out} --devices 0", "devices='0'"),
-    pytest.param(TRAIN, "--data-dir {data} --out {out} --accelerator gpu", "No supported gpu backend found", marks=NO_GPU),
+    (TRAIN, "--data-dir {data} --out {out} --wandb off --precision bogus", "Precision 'bogus' is invalid"),
+    (TRAIN, "--data-dir {data} --out {out} --wandb off --strategy bogus", "invalid strategy name"),
+    (TRAIN, "--data-dir {data} --out {out} --wandb off --devices 0", "devices='0'"),
+    pytest.param(TRAIN, "--data-dir {data} --out {out} --wandb off --accelerator gpu", "No supported gpu backend found", marks=NO_GPU),
     (PREDICT, "", "the following arguments are required: command"),
     (PREDICT, "bogus", "invalid choice: 'bogus'"),
     (PREDICT, "submit --checkpoint x.ckpt --bogus", "unrecognized arguments: --bogus"),

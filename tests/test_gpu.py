@@ -12,10 +12,12 @@ import torch
 
 import predict
 import run_training
+from callbacks import ThroughputMonitor
+from checkpoints import load_model
 from data import BatchAugment, FaceDataModule, TestImages, decode_batch, load_image, read_encoded
 from tests.conftest import TINY_SET
 from tests.test_gpu_path import write_kinds
-from training import FaceClassifier, ThroughputMonitor, epoch_metrics, load_model
+from training import FaceClassifier, epoch_metrics
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -40,6 +42,10 @@ def test_a_16_mixed_run_lowers_its_loss_with_the_gradient_scaler_stepping(gpu_ru
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
     assert min(losses[-2:]) < losses[0]
     assert all(v > 0 for _, v in series["train_flop_per_s"])
+    # what tools/gpu_check.py reports: the data workers, and the peak memory so far, which never falls
+    assert [v for _, v in series["data_workers"]] == [2] * 8
+    peaks = [v for _, v in series["peak_gpu_memory"]]
+    assert len(peaks) == 8 and 0 < peaks[0] and peaks == sorted(peaks)
     last = torch.load(gpu_run / "last.ckpt", map_location="cpu", weights_only=False)
     scaler = last["MixedPrecision"]  # Lightning keeps the GradScaler's state under its precision plugin
     # it starts at scale 2**16 with no growth counted: each step since the last overflow counts one

@@ -1,4 +1,4 @@
-"""gpu_check.py: the dry run goes through every step on the CPU; a step that fails or runs out of
+"""tools/gpu_check.py: the dry run goes through every step on the CPU; a step that fails or runs out of
 time is reported with its output, and the check goes on."""
 
 import os
@@ -8,14 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-import gpu_check
+from tools import gpu_check
 from tests.test_bench import check_quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_dry_check_runs_every_step_and_reports_each_run(tmp_path):
-    result = subprocess.run([sys.executable, "gpu_check.py", "--dry", "--work", str(tmp_path)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--dry", "--work", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     report = (tmp_path / "gpu.md").read_text()
@@ -23,10 +23,10 @@ def test_the_dry_check_runs_every_step_and_reports_each_run(tmp_path):
     steps = dict(re.findall(r"^\| ((?:pytest|bench|synthetic|train)[^|]*?) \| (\w+)", report, re.M))
     runs = [f"train: {name}" + (" (dry: without --compile)" if "--compile" in flags else "")
             for name, flags in gpu_check.RUNS.items()]
-    assert steps == dict.fromkeys(["pytest -m cuda", "bench.py", "synthetic faces", *runs], "ok")
+    assert steps == dict.fromkeys(["pytest -m cuda", "bench", "synthetic faces", *runs], "ok")
     assert re.search(r"`pytest -m cuda tests`: \d+ skipped", report)  # no GPU here
-    assert "| FaceNN | channels_last | eager | " in report  # bench.py's table
-    check_quick_run((tmp_path / "logs" / "bench_py.log").read_text())
+    assert "| FaceNN | channels_last | eager | " in report  # bench's table
+    check_quick_run((tmp_path / "logs" / "bench.log").read_text())
     for name, flags in gpu_check.RUNS.items():
         row = next(line for line in report.splitlines() if line.startswith(f"| {name}"))
         workers, first, later = row.split(" | ")[2:5]

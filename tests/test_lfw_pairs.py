@@ -14,10 +14,9 @@ from torchmetrics.functional.classification import binary_eer
 import data
 import predict
 from data import DataError
+from tests.conftest import REAL_LFW
 from tests.test_predict import checkpoint, read_rows, run_command  # noqa: F401 (a fixture)
 from tests.test_training import assert_one_line_error
-
-REAL_LFW = Path(__file__).resolve().parents[1].parent / "shared/realfaces/lfw"  # beside the repository, read-only
 
 # a View 2 file of 2 folds x (2 same + 2 different pairs), and the pairs it means
 PAIRS_TXT = """2\t2

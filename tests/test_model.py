@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from architecture import FaceNN, convnext_baseline, count_parameters, summary
-from residual_blocks import ClassicBottleneck, ConvNeXtBlock, InvertedBottleneck
+from residual_blocks import ConvNeXtBlock, InvertedBottleneck
 
 TINY = dict(widths=(8, 16, 24, 32), depths=(1, 1, 2, 1))
 
@@ -64,14 +64,6 @@ def test_convnext_block_equals_branch_plus_input():
     x = torch.randn(2, 12, 9, 9)
     torch.testing.assert_close(block(x), x + block.branch(x))
     assert block.branch(x).abs().mean() > 1e-3
-
-
-def test_classic_bottleneck_is_relu_of_input_when_branch_is_zero():
-    block = ClassicBottleneck(16)
-    x = torch.randn(2, 16, 9, 9)
-    assert block(x).shape == x.shape
-    _zero_last(block)
-    torch.testing.assert_close(block(x), torch.relu(x))
 
 
 def test_drop_path_drops_whole_branches_in_training_only():
@@ -272,7 +264,7 @@ def test_recomputing_the_gelu_keeps_the_gradients_and_frees_its_output():
     output (selective checkpointing keeps what the project matmul computed): 3C values per position."""
     import torch.nn.functional as F
 
-    from memory import LiveMemory
+    from tools.memory import LiveMemory
 
     torch.manual_seed(0)
     models = {recompute: FaceNN(num_classes=10, **TINY, recompute_gelu=recompute) for recompute in (False, True)}

@@ -12,7 +12,8 @@ from torchvision.transforms import v2
 import run_training
 from cli import UserError
 from data import FaceDataModule, train_transform
-from training import FaceClassifier, epoch_metrics, load_model
+from checkpoints import load_model
+from training import FaceClassifier, epoch_metrics
 from tests.conftest import FAST
 from tests.test_training import assert_one_line_error, run_cli
 
@@ -246,7 +247,7 @@ def test_cpu_only_augmentations_are_refused_on_device(tiny_faces):
 # --- the comparison script ---
 
 def test_compare_recipes_trains_both_recipes_and_writes_table_and_plot(tiny_faces, tmp_path):
-    import compare_recipes
+    from tools import compare_recipes
 
     rows = [compare_recipes.train(tiny_faces, tmp_path / recipe, "facenn", recipe, 0, epochs=2) for recipe in ("original", "modern")]
     assert [row["epochs"] for row in rows] == [2, 2] and all(0 <= row["best_dev_acc"] <= 1 for row in rows)

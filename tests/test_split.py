@@ -16,10 +16,9 @@ import predict
 import run_training
 from cli import UserError, run
 from data import main, plan_split, split_identities, split_sizes
-from tests.conftest import FAST
+from tests.conftest import FAST, REAL_LFW
 
-REPO = Path(__file__).resolve().parents[1]
-LFW = REPO.parent / "shared" / "realfaces" / "lfw" / "images"  # beside the repository: /work/shared
+LFW = REAL_LFW / "images"
 SPLITS = ("train", "dev", "test")
 
 

@@ -19,7 +19,8 @@ import run_training
 import training
 from architecture import FaceNN, train_flops
 from cli import UserError
-from training import FaceClassifier, epoch_metrics, model_from_checkpoint, read_checkpoint
+from checkpoints import model_from_checkpoint, read_checkpoint
+from training import FaceClassifier, epoch_metrics
 from tests.conftest import FAST, TINY_SET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +117,6 @@ def test_checkpoint_alone_rebuilds_an_identical_model(trained_run, tiny_faces):
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
     for name, tensor in module.model.state_dict().items():
         torch.testing.assert_close(tensor, state[name], rtol=0, atol=0)
-    x = torch.randn(2, 3, 48, 48)
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), module(x))
 
 
 def test_full_mode_trains_on_train_and_dev(tiny_faces, tmp_path):

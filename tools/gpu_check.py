@@ -1,17 +1,17 @@
 """One command that turns a GPU at hand into measured figures, in one markdown report:
 
-    make gpu-check PYTHON=python3     # python gpu_check.py: on a GPU machine, with its own python
-    make gpu-check-dry                # python gpu_check.py --dry: the same steps, tiny, on the CPU
+    make gpu-check PYTHON=python3     # python -m tools.gpu_check: on a GPU machine, with its own python
+    make gpu-check-dry                # python -m tools.gpu_check --dry: the same steps, tiny, on the CPU
 
-The steps: the tests marked `cuda`; bench.py; a synthetic face set generated on the machine; then
-run_training.py once for each row of RUNS, reporting images/s over whole epochs (data loading
-included, from the run's metrics.csv), the data workers and torch.cuda.max_memory_allocated (both
-as the run prints them). A GPU is lent for minutes, so each step is a subprocess with its own time
-limit under one budget for the whole check: a step that fails or runs out of time goes into the
-report with the tail of its output, and the check goes on to the next. The report is printed, and
-rewritten after every step (docs/gpu-check.md), so a check stopped from outside keeps what it finished.
-It installs nothing and needs no venv: torch, torchvision, lightning, torchmetrics, matplotlib and
-pytest as the machine has them.
+The steps: the tests marked `cuda`; tools/bench.py; a synthetic face set generated on the machine; then
+run_training.py once for each row of RUNS, reporting from the run's metrics.csv images/s over whole
+epochs (data loading included), the data workers and torch.cuda.max_memory_allocated. A GPU is lent
+for minutes, so each step is a subprocess with its own time limit under one budget for the whole
+check: a step that fails or runs out of time goes into the report with the tail of its output, and
+the check goes on to the next. The report is printed, and rewritten after every step
+(docs/gpu-check.md), so a check stopped from outside keeps what it finished. It installs nothing
+and needs no venv: torch, torchvision, lightning, torchmetrics, matplotlib and pytest as the
+machine has them.
 """
 
 import argparse
@@ -32,7 +32,7 @@ import run_training
 from cli import ArgumentParser
 from training import epoch_metrics
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: where every step runs
 
 # The end-to-end runs, in the order they run: name -> run_training.py flags (the only place that
 # names data-path flags). --compile goes last: its first epoch compiles, the longest warm-up. The
@@ -187,11 +187,11 @@ def cuda_tests(check: Check) -> None:
 
 
 def bench(check: Check) -> None:
-    argv = ["bench.py", *check.settings["bench"]]
-    status, output = check.run("bench.py", argv, check.settings["bench_s"])
-    if status == "ok":
+    argv = ["-m", "tools.bench", *check.settings["bench"]]
+    status, output = check.run("bench", argv, check.settings["bench_s"])
+    if status == "ok":  # its report, without the progress lines before it
         report = output[output.index("bench.py: "):] if "bench.py: " in output else output
-        check.sections.append(f"## bench.py\n\n`python {' '.join(argv)}`\n\n{report.strip()}\n")
+        check.sections.append(f"## tools/bench.py\n\n`python {' '.join(argv)}`\n\n{report.strip()}\n")
 
 
 def synthetic_faces(check: Check) -> Path | None:
@@ -218,8 +218,8 @@ def training_runs(check: Check, data: Path | None) -> None:
         argv = ["run_training.py", "--data-dir", str(data), "--out", str(out), "--overwrite", "--wandb", "off",
                 "--warmup-epochs", "1", *check.settings["train"], *flags]
         limit = check.settings["compiled_run_s" if "--compile" in flags else "run_s"]
-        status, output = check.run(f"train: {name}", argv, limit)
-        rows.append(run_row(name, flags, status, output, out / "metrics.csv"))
+        status, _ = check.run(f"train: {name}", argv, limit)
+        rows.append(run_row(name, flags, status, out / "metrics.csv"))
     headline = check.settings["train"]
     faces = check.settings["faces"]
     check.sections.append(
@@ -242,14 +242,16 @@ def as_on_a_gpu(flags: list[str]) -> list[str]:
     return [*flags, "--augment-on-device", "on" if on else "off"]
 
 
-def run_row(name: str, flags: list[str], status: str, output: str, metrics_csv: Path) -> dict:
-    """One row of the end-to-end table, from the run's metrics.csv and what it printed."""
-    workers = re.search(r"\| (\d+) data workers per device", output)
-    memory = re.search(r"peak GPU memory \(torch.cuda.max_memory_allocated\): ([0-9.]+) GB", output)
-    row = dict(name=name, flags=flags, later=None, memory=float(memory.group(1)) * 1e9 if memory else None)
-    first = later = flops = "-"
+def run_row(name: str, flags: list[str], status: str, metrics_csv: Path) -> dict:
+    """One row of the end-to-end table, from the run's metrics.csv."""
+    row = dict(name=name, flags=flags, later=None, memory=None)
+    first = later = flops = workers = "-"
     if metrics_csv.is_file():
         series = epoch_metrics(metrics_csv)
+        if series.get("data_workers"):
+            workers = f"{series['data_workers'][-1][1]:.0f}"
+        if series.get("peak_gpu_memory"):  # the peak over the whole run: its last epoch's
+            row["memory"] = series["peak_gpu_memory"][-1][1]
         images, rates = dict(series.get("train_images", [])), dict(series.get("train_img_per_s", []))
         flop_rates = dict(series.get("train_flop_per_s", []))
         if 0 in rates:
@@ -261,7 +263,7 @@ def run_row(name: str, flags: list[str], status: str, output: str, metrics_csv: 
             later = f"{row['later']:,.0f}"
             if all(epoch in flop_rates for epoch in steady):
                 flops = f"{sum(images[e] / rates[e] * flop_rates[e] for e in steady) / seconds / 1e12:.1f}"
-    cells = [name, f"`{' '.join(flags)}`" if flags else "(defaults)", workers.group(1) if workers else "-", first,
+    cells = [name, f"`{' '.join(flags)}`" if flags else "(defaults)", workers, first,
              later, flops, f"{row['memory'] / 1e9:.2f}" if row["memory"] else "-", status]
     row["line"] = "| " + " | ".join(cells) + " |"
     return row
@@ -278,12 +280,12 @@ def goals(rows: list[dict]) -> str:
         if set(row["flags"]) <= {"--recompute-gelu"} and row["memory"]:
             lines.append(f"| peak memory <= {GOAL_MEMORY / 1e9:.0f} GB ({row['name']}) | {row['memory'] / 1e9:.2f} GB "
                          f"| {'met' if row['memory'] <= GOAL_MEMORY else 'NOT met'} |")
-    lines.append("| FaceNN train img/s >= torchvision ConvNeXt's | see bench.py's `target:` lines | |")
+    lines.append("| FaceNN train img/s >= torchvision ConvNeXt's | see tools/bench.py's `target:` lines | |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m tools.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry", action="store_true", help="the same steps at tiny sizes on the CPU (the cuda tests skip themselves)")
     parser.add_argument("--work", type=Path, help="data, runs and logs (default: gpu_check/ or gpu_check_dry/ under the system's temp dir)")
     parser.add_argument("--report", type=Path, help="the markdown report (default: docs/gpu-check.md; with --dry, WORK/gpu.md)")

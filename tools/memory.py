@@ -1,6 +1,6 @@
 """How much memory a training step needs, traced without computing anything: LiveMemory follows
 every tensor storage as operators run, and under FakeTensorMode a step at any batch size costs
-only the time to trace it. bench.py reports it; the tests check the blocks' saved bytes with it."""
+only the time to trace it. tools/bench.py reports it; the tests check the blocks' saved bytes with it."""
 
 import weakref
 

@@ -1,8 +1,8 @@
 """The seed's recipe against the modern regularisers, on the demo's synthetic faces.
 
-    python compare_recipes.py                  # FaceNN and ConvNeXt, both recipes, seeds 0 and 1
-    python compare_recipes.py --epochs 8       # shorter runs, the same for every recipe
-    python compare_recipes.py --recipes original ema drop-path cutmix erasing trivial --backbones facenn \
+    python -m tools.compare_recipes            # FaceNN and ConvNeXt, both recipes, seeds 0 and 1
+    python -m tools.compare_recipes --epochs 8 # shorter runs, the same for every recipe
+    python -m tools.compare_recipes --recipes original ema drop-path cutmix erasing trivial --backbones facenn \
         --seeds 0 --name recipes_ablation      # each part of the modern recipe alone
 
 Each run is run_training.py with the demo's settings (50 identities at 64 px, the demo's network
@@ -92,7 +92,7 @@ def plot(rows: list[dict], out_png: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tools.compare_recipes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=at_least(2), default=run_training.DEMO_ARGS["epochs"], help="for every run")
     p.add_argument("--seeds", type=at_least(0), nargs="+", default=[0, 1])
     p.add_argument("--backbones", choices=BACKBONES, nargs="+", default=list(BACKBONES))

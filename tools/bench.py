@@ -1,9 +1,9 @@
 """How fast FaceNN trains and predicts against torchvision's ConvNeXt, how fast its data path is,
 and how much memory a training step at the seed's batch size needs. One command, one table:
 
-    python bench.py                          # CPU: batch 16, 224 px
-    python bench.py --device cuda            # GPU: 16-mixed (fp16 autocast + GradScaler)
-    python bench.py --data-dir data/train    # time the data path on real JPEGs
+    python -m tools.bench                          # CPU: batch 16, 224 px
+    python -m tools.bench --device cuda            # GPU: 16-mixed (fp16 autocast + GradScaler)
+    python -m tools.bench --data-dir data/train    # time the data path on real JPEGs
 
 Every setting (model x memory layout x eager/compiled) takes a warm-up step (where torch.compile
 compiles), then the settings take turns for --repeats rounds, so that other work on the machine
@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 from architecture import NUM_CLASSES, FaceNN, convnext_baseline, train_flops
 from cli import keep_freed_memory
 from data import KAGGLE_MEAN, KAGGLE_STD, BatchAugment, decode_batch, load_image, read_encoded, train_transform
-from memory import estimated_training_memory
+from tools.memory import estimated_training_memory
 from residual_blocks import ConvNeXtBlock
 from synthetic_faces import generate
 
@@ -246,7 +246,7 @@ def measured_training_memory(batch_size: int, image_size: int, num_classes: int,
 # the report
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
