@@ -8,7 +8,7 @@ import pytest
 
 import run_training
 from cli import UserError
-from tests.test_lfw_pairs import REAL_LFW
+from tests.conftest import REAL_LFW
 from tools import realfaces
 
 

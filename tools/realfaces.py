@@ -1,9 +1,9 @@
 """The real-faces benchmark, one command: every row of docs/realfaces-benchmark.md measured side by
 side on LFW, on this machine, in one run.
 
-    python tools/realfaces.py --lfw ../shared/realfaces/lfw                   # every row (hours on a CPU)
-    python tools/realfaces.py --lfw ../shared/realfaces/lfw --rows eigenfaces verify-ce verify-arcface
-    python tools/realfaces.py --lfw ../shared/realfaces/lfw --quick           # tiny: the tool's own test
+    python -m tools.realfaces --lfw ../shared/realfaces/lfw                   # every row (hours on a CPU)
+    python -m tools.realfaces --lfw ../shared/realfaces/lfw --rows eigenfaces verify-ce verify-arcface
+    python -m tools.realfaces --lfw ../shared/realfaces/lfw --quick           # tiny: the tool's own test
 
 Identification: LFW's 158 people with >= 10 images, split as `python data.py split LFW/images OUT
 --min-images 10 --cap 60 --dev 0.2 --test 0.2 --seed 0` does it; each row's test accuracy.
@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as `python tools/realfaces.py`: the project's modules are one folder up
+# run as a module from the repository root, as the other tools; `python tools/realfaces.py` (the
+# issue's command) finds the project's modules too
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -269,7 +271,7 @@ def markdown(args, argv: list[str], results: dict, splits: dict) -> str:
     lines = [
         "# Real faces: the benchmark",
         "",
-        f"Written by `python tools/realfaces.py {shlex.join(argv)}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
+        f"Written by `python -m tools.realfaces {shlex.join(argv)}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
         f"UTC: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}; 1-minute load average "
         f"{args.load:.1f} at the start, {os.getloadavg()[0]:.1f} when written), torch {torch.__version__}, "
         "every row measured in this one run, one after the other. Every network row is `run_training.py` with its "
