@@ -495,7 +495,7 @@ class FaceDataModule(L.LightningDataModule):
     workers can keep a GPU fed. Files that fail there are left out of their batch and listed in
     `skipped`.
     auto_augment, random_erasing: added to the CPU train transform (see train_transform), so not
-    with augment_on_device.
+    with augment_on_device (config.py refuses the two together).
     """
 
     def __init__(
@@ -515,10 +515,10 @@ class FaceDataModule(L.LightningDataModule):
         random_erasing: float = 0.0,
     ):
         super().__init__()
-        if augment_on_device and (auto_augment != "none" or random_erasing > 0):
-            raise UserError("--auto-augment and --random-erasing run in the CPU workers: not with --augment-on-device")
         data_dir = str(data_dir)  # saved as text: a Path would stop torch.load(weights_only=True) resuming
-        self.save_hyperparameters()
+        # the input's size and normalisation are the model's, saved with it (predict.py reads them there)
+        self.save_hyperparameters(ignore=["image_size", "mean", "std"])
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.num_workers = DEFAULT_WORKERS if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.class_names: list[str] = []
@@ -554,8 +554,9 @@ class FaceDataModule(L.LightningDataModule):
         if hp.augment_on_device:
             encoded = dict(transform=None, loader=read_encoded, with_paths=True)
         else:
-            encoded = dict(transform=train_transform(hp.mean, hp.std, hp.image_size, hp.auto_augment, hp.random_erasing))
-        plain = eval_transform(hp.mean, hp.std, hp.image_size)
+            encoded = dict(transform=train_transform(self.mean, self.std, self.image_size, hp.auto_augment,
+                                                     hp.random_erasing))
+        plain = eval_transform(self.mean, self.std, self.image_size)
         train = FaceFolder(train_dir, class_names, **encoded)
         empty = sorted(set(class_names) - {class_names[target] for target in train.targets})
         if empty:
@@ -576,15 +577,15 @@ class FaceDataModule(L.LightningDataModule):
         if not isinstance(batch, EncodedBatch):
             return batch
         device = self.trainer.strategy.root_device
-        images, kept = decode_batch(batch.images, batch.paths, device, self.hparams.image_size, self.skipped)
+        images, kept = decode_batch(batch.images, batch.paths, device, self.image_size, self.skipped)
         return self.batch_augment.to(device)(images), batch.targets[kept]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the network's input: the resize, or the first train image's
         size as stored."""
-        if self.hparams.image_size:
-            return 3, self.hparams.image_size, self.hparams.image_size
+        if self.image_size:
+            return 3, self.image_size, self.image_size
         image = self.train_dataset[0][0]
         return tuple((decode_image(image.numpy().tobytes()) if image.ndim == 1 else image).shape)
 

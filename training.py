@@ -59,11 +59,6 @@ class WarmupCosine(LambdaLR):
             group["lr"] = lr
 
 
-def default_warmup(max_epochs: int) -> int:
-    """The seed's share of warm-up, 10 of 60 epochs, so that a shorter run still anneals."""
-    return round(max_epochs / 6)
-
-
 BACKBONES = {"facenn": FaceNN, "convnext": convnext_baseline}
 CLASSIFIERS = {"facenn": "head.classifier", "convnext": "classifier.2"}  # what maps the embedding to logits
 MARGINS = {"arcface": 0.5, "cosface": 0.35}  # the papers' margins (ArcFace: an angle, in radians)

@@ -611,4 +611,4 @@ def test_each_epoch_takes_the_order_of_its_own_epoch(data_dir, monkeypatch):
 ])
 def test_augment_on_device_defaults_to_the_gpu(choice, accelerator, on):
     assert run_training.parse_args([]).augment_on_device == "auto"
-    assert run_training.augment_on_device(choice, accelerator) is on
+    assert run_training.parse_args(["--augment-on-device", choice, "--accelerator", accelerator]).devices()[2] is on

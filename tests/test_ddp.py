@@ -25,7 +25,7 @@ def test_two_process_ddp_trains_once_over_the_data(tiny_faces, tmp_path):
     assert "batch 8 per device, 16 global" in result.stdout + result.stderr
 
     # one set of files, written by rank 0 alone
-    assert sorted(p.name for p in out.iterdir()) == ["best.ckpt", "curves.png", "last.ckpt", "metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.ckpt", "config.yaml", "curves.png", "last.ckpt", "metrics.csv"]
     last = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 1
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import run_training
-from cli import UserError
 from data import FaceDataModule, train_transform
 from checkpoints import load_model
 from training import FaceClassifier, epoch_metrics
@@ -237,13 +236,6 @@ def test_auto_augment_is_in_the_train_transform_only(tiny_faces, name, kind):
     assert sum(not torch.equal(augment(image), image) for _ in range(10)) >= 5  # it changes the uint8 image
 
 
-def test_cpu_only_augmentations_are_refused_on_device(tiny_faces):
-    with pytest.raises(UserError, match="--augment-on-device"):
-        FaceDataModule(tiny_faces, augment_on_device=True, random_erasing=0.25)
-    with pytest.raises(UserError, match="--augment-on-device"):
-        FaceDataModule(tiny_faces, augment_on_device=True, auto_augment="trivial")
-
-
 # --- the comparison script ---
 
 def test_compare_recipes_trains_both_recipes_and_writes_table_and_plot(tiny_faces, tmp_path):
@@ -262,8 +254,8 @@ def test_compare_recipes_trains_both_recipes_and_writes_table_and_plot(tiny_face
 
 
 def test_augment_on_device_auto_stays_on_the_cpu_for_cpu_only_augmentations():
-    assert run_training.augment_on_device("auto", "cuda") is True
-    assert run_training.augment_on_device("auto", "cuda", run_training.cpu_augmentation(
-        run_training.parse_args(["--random-erasing", "0.25"]))) is False
-    assert run_training.augment_on_device("auto", "cuda", run_training.cpu_augmentation(
-        run_training.parse_args(["--auto-augment", "rand"]))) is False
+    def on_a_gpu(*flags):
+        return run_training.parse_args(["--accelerator", "cuda", *flags]).devices()
+
+    assert on_a_gpu() == ("cuda", "16-mixed", True)
+    assert on_a_gpu("--random-erasing", "0.25")[2] is False and on_a_gpu("--auto-augment", "rand")[2] is False

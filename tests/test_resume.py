@@ -155,7 +155,7 @@ def test_resume_takes_the_checkpoints_settings_and_refuses_contradicting_flags(t
         train(tiny_faces, out, "--resume", "--widths", "8,8,8,8")
     with pytest.raises(UserError, match="--lr 0.1 contradicts"):
         train(tiny_faces, out, "--resume", "--lr", "0.1")
-    assert train(tiny_faces, out, "--resume", "--image-size", "40") == 0  # repeating a setting is fine
+    assert train(tiny_faces, out, "--resume", "--image-size", "40", "--mean", "0.5", "0.4", "0.3") == 0  # repeating one is fine
     hp = load(out / "last.ckpt")["hyper_parameters"]
     assert hp["image_size"] == 40 and tuple(hp["mean"]) == (0.5, 0.4, 0.3) and hp["max_epochs"] == 4
 

@@ -103,7 +103,7 @@ def test_the_training_step_reads_nothing_back_from_its_device(monkeypatch):
 
 def test_run_writes_checkpoints_log_and_curves(trained_run):
     names = {p.name for p in trained_run.iterdir()}
-    assert {"last.ckpt", "best.ckpt", "metrics.csv", "curves.png"} <= names
+    assert {"last.ckpt", "best.ckpt", "metrics.csv", "curves.png", "config.yaml"} <= names
     assert not any(name.endswith(".partial") for name in names)
     assert (trained_run / "curves.png").stat().st_size > 10_000
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-import run_training
+import config
 from cli import ArgumentParser
 from training import epoch_metrics
 
@@ -237,8 +237,7 @@ def training_runs(check: Check, data: Path | None) -> None:
 def as_on_a_gpu(flags: list[str]) -> list[str]:
     """A row's flags with the data path that `--augment-on-device auto` takes on a GPU made explicit,
     so that the dry run on the CPU rehearses the path of the real check, not the CPU's."""
-    args = run_training.parse_args(["--wandb", "off", *flags])
-    on = run_training.augment_on_device(args.augment_on_device, "cuda", run_training.cpu_augmentation(args))
+    _, _, on = config.parse_args(["--accelerator", "cuda", *flags]).devices()
     return [*flags, "--augment-on-device", "on" if on else "off"]
 
 
