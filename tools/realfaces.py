@@ -15,13 +15,14 @@ chose `--preset small` is another document, docs/realfaces.md.
 """
 
 import argparse
+import io
 import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, redirect_stderr
 from datetime import datetime, timezone
 from importlib.util import find_spec
 from pathlib import Path
@@ -166,12 +167,17 @@ def eigenfaces_row(split: Split, image_size: int) -> dict:
 
 
 def missing(name: str) -> str | None:
-    """Why a row cannot run here (a run_training.py flag or a package this checkout lacks), or None."""
+    """Why a row cannot run here (a flag run_training.py refuses, a package this checkout lacks), or
+    None: asked of run_training's own parsing, so a row waits for the flag it needs rather than failing."""
     flags = ROWS[name].flags
     if flags is None:
         return None if find_spec("sklearn") else "needs scikit-learn (pip install -r requirements.txt)"
-    _, unknown = run_training.parser().parse_known_args(flags)
-    return f"run_training.py has no {unknown[0]}" if unknown else None
+    with redirect_stderr(io.StringIO()) as said:
+        try:
+            run_training.parse_args(flags)
+        except SystemExit:
+            return "run_training.py: " + said.getvalue().strip().removeprefix("error: ").partition(" (see ")[0]
+    return None
 
 
 def measured(function, *args, **kwargs) -> dict:
