@@ -279,7 +279,7 @@ def markdown(args, argv: list[str], results: dict, splits: dict) -> str:
         "",
         f"Written by `python -m tools.realfaces {shlex.join(argv)}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
         f"UTC: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}; 1-minute load average "
-        f"{args.load:.1f} at the start, {os.getloadavg()[0]:.1f} when written), torch {torch.__version__}, "
+        f"{args.load:.1f} at the start, {os.getloadavg()[0]:.1f} when written), torch {torch.__version__}, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, "
         "every row measured in this one run, one after the other. Every network row is `run_training.py` with its "
         f"flags below, then `{shlex.join(settings(args)[2])}` and its split's own `--mean/--std` "
         "(`data.compute_mean_std`)" + (f"; `--quick` takes {QUICK['people']} people of each split" if args.quick else "")
