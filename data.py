@@ -498,7 +498,8 @@ def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.dev
         raise DataError(f"{paths[0]}: none of the {len(paths)} images of a batch can be read (expected JPEG/PNG)")
     batch = [decoded[i] for i in kept]
     if geometry := _resize(image_size, crop):
-        batch = [v2.Compose(geometry)(image) for image in batch]
+        transform = v2.Compose(geometry)
+        batch = [transform(image) for image in batch]
     return collate_same_size([(image, 0) for image in batch])[0], kept
 
 
@@ -608,10 +609,10 @@ class FaceDataModule(L.LightningDataModule):
         size as stored, centre-cropped."""
         if self.image_size:
             return 3, self.image_size, self.image_size
-        image = self.train_dataset[0][0]  # the CPU path's is transformed, cropped included
-        if self.hparams.augment_on_device:  # the workers' bytes or image, cropped on the device as decode_batch does
-            image = CentreCrop(self.crop)(decode_image(image.numpy().tobytes()) if image.ndim == 1 else image)
-        return tuple(image.shape)
+        if self.hparams.augment_on_device:  # the workers' bytes or image, decoded and cropped as a train batch is
+            image, _, path = self.train_dataset[0]
+            return tuple(decode_batch([image], [path], torch.device("cpu"), None, set(), self.crop)[0].shape[1:])
+        return tuple(self.train_dataset[0][0].shape)  # transformed, cropped included
 
     def _loader(self, dataset, sampler=None, drop_last: bool = False, collate_fn=collate_same_size) -> DataLoader:
         return DataLoader(
