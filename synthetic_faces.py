@@ -33,6 +33,7 @@ import time
 from contextlib import nullcontext
 from multiprocessing import Pool
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -109,37 +110,68 @@ def rotated(points, cx, cy, angle):
     return [(cx + c * x - s * y, cy + s * x + c * y) for x, y in points]
 
 
+def shade(colour, k):
+    return tuple(int(v * k) for v in colour)
+
+
+class Head(NamedTuple):
+    """Where this image's face lies on the c x c canvas: centre, half-axes, the centre line of the
+    inner features (turning the head by `yaw` slides it sideways) and the width of thin lines."""
+    c: int
+    cx: float
+    cy: float
+    a: float
+    b: float
+    yaw: float
+    fx: float
+    line: int
+
+
 def draw_face(draw, t, rng, c):
-    """Draw one face, with this image's expression and shirt, centred on a c x c canvas."""
-    cx, cy = 0.5 * c, 0.46 * c
-    a, b = t["face_w"] * c, t["face_h"] * c
-    skin, hair, dark_skin = t["skin"], t["hair"], tuple(int(v * 0.75) for v in t["skin"])
-    yaw = rng.uniform(-0.15, 0.15)  # turning the head slides the inner features sideways
-    fx = cx + yaw * a
-    style = t["hair_style"]
+    """Draw one face centred on a c x c canvas, back to front, with this image's pose, shirt and
+    expression."""
+    cx, cy, a = 0.5 * c, 0.46 * c, t["face_w"] * c
+    yaw = rng.uniform(-0.15, 0.15)
+    head = Head(c, cx, cy, a, t["face_h"] * c, yaw, fx=cx + yaw * a, line=max(1, int(0.012 * c)))
+    draw_body(draw, t, head, shirt=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw_skin(draw, t, head)
+    draw_hair(draw, t, head)
+    openness = 0.15 if rng.random() < 0.05 else rng.uniform(0.6, 1.1)  # a blink now and then
+    draw_eyes(draw, t, head, openness, gaze=rng.uniform(-0.35, 0.35), brow_raise=rng.uniform(-0.03, 0.05))
+    draw_nose(draw, t, head)
+    draw_mouth(draw, t, head, smile=rng.uniform(-0.04, 0.04))
+    draw_mole(draw, t, head)
+    draw_glasses(draw, t, head)
 
-    # behind the head: long hair or an afro, then neck and a shirt of this image's colour
-    if style == "long":
-        draw.rounded_rectangle((cx - 1.25 * a, cy - 1.1 * b, cx + 1.25 * a, cy + 1.35 * b), radius=a, fill=hair)
-    if style == "afro":
-        draw.ellipse((cx - 1.55 * a, cy - 1.4 * b, cx + 1.55 * a, cy + 0.6 * b), fill=hair)
-    draw.ellipse((cx - 0.48 * c, cy + 0.9 * b, cx + 0.48 * c, cy + 0.9 * b + 0.6 * c),
-                 fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    draw.rectangle((cx - 0.42 * a, cy + 0.4 * b, cx + 0.42 * a, cy + 1.05 * b), fill=dark_skin)
 
-    # ears, the far one smaller, then the face
+def draw_body(draw, t, head, shirt):
+    """Behind the head: long hair or an afro, then a shirt and the neck."""
+    cx, cy, a, b, c = head.cx, head.cy, head.a, head.b, head.c
+    if t["hair_style"] == "long":
+        draw.rounded_rectangle((cx - 1.25 * a, cy - 1.1 * b, cx + 1.25 * a, cy + 1.35 * b), radius=a, fill=t["hair"])
+    if t["hair_style"] == "afro":
+        draw.ellipse((cx - 1.55 * a, cy - 1.4 * b, cx + 1.55 * a, cy + 0.6 * b), fill=t["hair"])
+    draw.ellipse((cx - 0.48 * c, cy + 0.9 * b, cx + 0.48 * c, cy + 0.9 * b + 0.6 * c), fill=shirt)
+    draw.rectangle((cx - 0.42 * a, cy + 0.4 * b, cx + 0.42 * a, cy + 1.05 * b), fill=shade(t["skin"], 0.75))
+
+
+def draw_skin(draw, t, head):
+    """The ears, the far one smaller, then the face and its blush."""
+    cx, cy, a, b, fx = head.cx, head.cy, head.a, head.b, head.fx
     ew, eh, ey = t["ear"] * a, 1.1 * t["ear"] * b, cy + t["ear_y"] * b
     for side in (-1, 1):
-        w = ew * (1 + side * yaw * 2)
-        draw.ellipse((cx + side * a - w, ey - eh, cx + side * a + w, ey + eh), fill=dark_skin)
-    outline = face_outline(cx, cy, a, b, t["squareness"], t["chin"])
-    draw.polygon(outline, fill=skin)
+        w = ew * (1 + side * head.yaw * 2)
+        draw.ellipse((cx + side * a - w, ey - eh, cx + side * a + w, ey + eh), fill=shade(t["skin"], 0.75))
+    draw.polygon(face_outline(cx, cy, a, b, t["squareness"], t["chin"]), fill=t["skin"])
     if t["blush"]:
         for side in (-1, 1):
             x, y = fx + side * 0.55 * a, cy + 0.3 * b
             draw.ellipse((x - 0.15 * a, y - 0.08 * b, x + 0.15 * a, y + 0.08 * b), fill=(230, 130, 130))
 
-    # hair on top: a cap down to the hairline, shaped by the style
+
+def draw_hair(draw, t, head):
+    """A cap down to the hairline, shaped by the style."""
+    cx, cy, a, b, style, hair = head.cx, head.cy, head.a, head.b, t["hair_style"], t["hair"]
     top = cy - t["hairline"] * b
     if style not in ("bald", "mohawk"):
         draw.chord((cx - 1.08 * a, cy - 1.12 * b, cx + 1.08 * a, 2 * top - (cy - 1.12 * b)), 180, 360, fill=hair)
@@ -156,48 +188,58 @@ def draw_face(draw, t, rng, c):
         draw.polygon([(cx - 0.4 * a, cy - 0.85 * b)] + [(cx + x, cy - (1.35 if i % 2 == 0 else 1.1) * b)
                      for i, x in enumerate(spikes)] + [(cx + 0.4 * a, cy - 0.85 * b)], fill=hair)
 
-    # brows and eyes, mirrored, with this image's gaze, openness and brow raise
-    eye_y, gap, w = cy - t["eye_y"] * b, t["eye_gap"] * a, t["eye_w"] * a
-    openness = 0.15 if rng.random() < 0.05 else rng.uniform(0.6, 1.1)
-    gaze = rng.uniform(-0.35, 0.35) * w
-    raise_ = rng.uniform(-0.03, 0.05) * b
+
+def eye_line(t, head):
+    """The eyes' height, their gap from the centre line, and their centres, left and right: turning
+    the head brings the far eye closer to the centre line."""
+    gap = t["eye_gap"] * head.a
+    return head.cy - t["eye_y"] * head.b, gap, [head.fx + side * gap * (1 - side * head.yaw) for side in (-1, 1)]
+
+
+def draw_eyes(draw, t, head, openness, gaze, brow_raise):
+    """Eyes and brows, mirrored, with this image's openness, gaze and brow raise."""
+    w, b = t["eye_w"] * head.a, head.b
+    h, gaze, brow_raise = w * t["eye_h"], gaze * w, brow_raise * b
+    ey, _, centres = eye_line(t, head)
     x = np.linspace(-1, 1, 12)
-    for side in (-1, 1):
-        ex = fx + side * gap * (1 - side * yaw)
-        h = w * t["eye_h"]
+    for side, ex in zip((-1, 1), centres):
         upper = [(w * v, -h * openness * (1 - v * v) ** 0.7) for v in x]
         lower = [(w * v, 0.6 * h * openness * (1 - v * v) ** 0.9) for v in x[::-1]]
-        eye = rotated(upper + lower, ex, eye_y, -side * t["eye_tilt"])
-        draw.polygon(eye, fill=(245, 245, 240), outline=(20, 20, 20) if t["liner"] else None,
-                     width=max(1, int(0.012 * c)))
+        eye = rotated(upper + lower, ex, ey, -side * t["eye_tilt"])
+        draw.polygon(eye, fill=(245, 245, 240), outline=(20, 20, 20) if t["liner"] else None, width=head.line)
         r = h * t["iris"] * min(1.0, openness * 1.3)
-        draw.ellipse((ex + gaze - r, eye_y - r, ex + gaze + r, eye_y + r), fill=t["eye_colour"])
-        draw.ellipse((ex + gaze - r / 2.5, eye_y - r / 2.5, ex + gaze + r / 2.5, eye_y + r / 2.5), fill=(10, 10, 10))
-        by, bw = eye_y - h - t["brow_gap"] * b - raise_, w * t["brow_w"]
+        draw.ellipse((ex + gaze - r, ey - r, ex + gaze + r, ey + r), fill=t["eye_colour"])
+        draw.ellipse((ex + gaze - r / 2.5, ey - r / 2.5, ex + gaze + r / 2.5, ey + r / 2.5), fill=(10, 10, 10))
+        by, bw = ey - h - t["brow_gap"] * b - brow_raise, w * t["brow_w"]
         brow = [(-bw, 0), (0, -t["brow_arch"] * b), (bw, 0)]
-        draw.line(rotated(brow, ex, by, -side * t["brow_tilt"]), fill=tuple(int(v * 0.7) for v in hair),
-                  width=max(1, int(t["brow_thick"] * c)), joint="curve")
+        draw.line(rotated(brow, ex, by, -side * t["brow_tilt"]), fill=shade(t["hair"], 0.7),
+                  width=max(1, int(t["brow_thick"] * head.c)), joint="curve")
 
-    # nose
+
+def draw_nose(draw, t, head):
+    fx, cy, a, b, line, dark = head.fx, head.cy, head.a, head.b, head.line, shade(t["skin"], 0.75)
     ny, nl, nw = cy + t["nose_y"] * b, t["nose_len"] * b, t["nose_w"] * a
-    line = max(1, int(0.012 * c))
     if t["nose_style"] == "triangle":
-        draw.line([(fx, ny - nl), (fx - nw, ny), (fx + nw, ny)], fill=dark_skin, width=line)
+        draw.line([(fx, ny - nl), (fx - nw, ny), (fx + nw, ny)], fill=dark, width=line)
     elif t["nose_style"] == "button":
-        draw.ellipse((fx - nw, ny - 0.5 * nw, fx + nw, ny + 0.5 * nw), fill=dark_skin)
+        draw.ellipse((fx - nw, ny - 0.5 * nw, fx + nw, ny + 0.5 * nw), fill=dark)
     elif t["nose_style"] == "nostrils":
-        draw.line([(fx, ny - nl), (fx, ny - 0.2 * nl)], fill=dark_skin, width=line)
+        draw.line([(fx, ny - nl), (fx, ny - 0.2 * nl)], fill=dark, width=line)
         for side in (-1, 1):
             x = fx + side * 0.5 * nw
             draw.ellipse((x - 0.25 * nw, ny - 0.15 * nw, x + 0.25 * nw, ny + 0.15 * nw), fill=(60, 30, 30))
     else:
         draw.line([(fx - 0.2 * nw, ny - nl), (fx + 0.3 * nw, ny - 0.2 * nl), (fx + 0.6 * nw, ny),
-                   (fx - 0.3 * nw, ny)], fill=dark_skin, width=line, joint="curve")
+                   (fx - 0.3 * nw, ny)], fill=dark, width=line, joint="curve")
 
-    # beard under the mouth, then the mouth with this image's smile
+
+def draw_mouth(draw, t, head, smile):
+    """The beard under the mouth, then the mouth with this image's smile."""
+    cx, cy, a, b, c, fx, hair = head.cx, head.cy, head.a, head.b, head.c, head.fx, t["hair"]
     my, mw = cy + t["mouth_y"] * b, t["mouth_w"] * a
-    curve = (t["mouth_curve"] + rng.uniform(-0.04, 0.04)) * b
+    curve = (t["mouth_curve"] + smile) * b
     if t["beard"] == "full":
+        outline = face_outline(cx, cy, a, b, t["squareness"], t["chin"])
         draw.polygon([p for p in outline if p[1] > cy + 0.2 * b], fill=hair)
     elif t["beard"] == "goatee":
         draw.ellipse((fx - 0.3 * mw, my + 0.05 * b, fx + 0.3 * mw, my + 0.35 * b), fill=hair)
@@ -205,30 +247,33 @@ def draw_face(draw, t, rng, c):
         draw.line([(fx - 0.9 * mw, my), (fx, my - 0.12 * b), (fx + 0.9 * mw, my)], fill=hair,
                   width=max(1, int(0.03 * c)), joint="curve")
     x = np.linspace(-1, 1, 12)
-    smile = [(fx + mw * v, my + curve * (v * v - 1)) for v in x]
+    lips = [(fx + mw * v, my + curve * (v * v - 1)) for v in x]
     if t["mouth_style"] == "line":
-        draw.line(smile, fill=(90, 30, 30), width=max(1, int(0.014 * c)), joint="curve")
+        draw.line(lips, fill=(90, 30, 30), width=max(1, int(0.014 * c)), joint="curve")
     else:
         depth = (0.12 if t["mouth_style"] == "lips" else 0.22) * b
         lower = [(fx + mw * v, my + curve * (v * v - 1) + depth * (1 - v * v)) for v in x[::-1]]
-        draw.polygon(smile + lower, fill=t["lip"] if t["mouth_style"] == "lips" else (50, 10, 10))
+        draw.polygon(lips + lower, fill=t["lip"] if t["mouth_style"] == "lips" else (50, 10, 10))
 
+
+def draw_mole(draw, t, head):
     if t["mole"]:
-        mx, my = fx + t["mole"][0] * a, cy + t["mole"][1] * b
-        draw.ellipse((mx - 0.012 * c, my - 0.012 * c, mx + 0.012 * c, my + 0.012 * c), fill=(50, 30, 20))
+        x, y, r = head.fx + t["mole"][0] * head.a, head.cy + t["mole"][1] * head.b, 0.012 * head.c
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=(50, 30, 20))
 
-    # glasses over everything
-    if t["glasses"]:
-        r, frame = w * 1.35, t["frame"]
-        for side in (-1, 1):
-            ex = fx + side * gap * (1 - side * yaw)
-            box = (ex - r, eye_y - 0.8 * r, ex + r, eye_y + 0.8 * r)
-            if t["glasses"] == "round":
-                draw.ellipse(box, outline=frame, width=max(1, int(0.012 * c)))
-            else:
-                draw.rectangle(box, outline=frame, width=max(1, int(0.012 * c)),
-                               fill=(20, 20, 25) if t["glasses"] == "shades" else None)
-        draw.line([(fx - gap + r, eye_y), (fx + gap - r, eye_y)], fill=frame, width=max(1, int(0.012 * c)))
+
+def draw_glasses(draw, t, head):
+    """Over everything, so drawn last."""
+    if not t["glasses"]:
+        return
+    (ey, gap, centres), r, frame = eye_line(t, head), t["eye_w"] * head.a * 1.35, t["frame"]
+    for ex in centres:
+        box = (ex - r, ey - 0.8 * r, ex + r, ey + 0.8 * r)
+        if t["glasses"] == "round":
+            draw.ellipse(box, outline=frame, width=head.line)
+        else:
+            draw.rectangle(box, outline=frame, width=head.line, fill=(20, 20, 25) if t["glasses"] == "shades" else None)
+    draw.line([(head.fx - gap + r, ey), (head.fx + gap - r, ey)], fill=frame, width=head.line)
 
 
 def background(rng, size):
