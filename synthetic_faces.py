@@ -30,10 +30,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import namedtuple
 from contextlib import nullcontext
+from itertools import product
 from multiprocessing import Pool
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -114,22 +115,13 @@ def shade(colour, k):
     return tuple(int(v * k) for v in colour)
 
 
-class Head(NamedTuple):
-    """Where this image's face lies on the c x c canvas: centre, half-axes, the centre line of the
-    inner features (turning the head by `yaw` slides it sideways) and the width of thin lines."""
-    c: int
-    cx: float
-    cy: float
-    a: float
-    b: float
-    yaw: float
-    fx: float
-    line: int
+# where this image's face lies on the c x c canvas: centre, half-axes, the centre line of the inner
+# features (turning the head by `yaw` slides it sideways) and the width of thin lines
+Head = namedtuple("Head", "c cx cy a b yaw fx line")
 
 
 def draw_face(draw, t, rng, c):
-    """Draw one face centred on a c x c canvas, back to front, with this image's pose, shirt and
-    expression."""
+    """One face on a c x c canvas, back to front, with this image's pose, shirt and expression."""
     cx, cy, a = 0.5 * c, 0.46 * c, t["face_w"] * c
     yaw = rng.uniform(-0.15, 0.15)
     head = Head(c, cx, cy, a, t["face_h"] * c, yaw, fx=cx + yaw * a, line=max(1, int(0.012 * c)))
@@ -332,16 +324,12 @@ def write_image(job):
 
 def check_arguments(identities, train_per_identity, dev_per_identity, test_per_identity, image_size, seed,
                     mislabel_rate, verification_identities, pairs, unknown_per_identity):
-    if identities < 2:
-        raise ValueError(f"identities must be at least 2, got {identities}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be at least 32, got {image_size}")
-    if train_per_identity < 1:
-        raise ValueError(f"train_per_identity must be at least 1, got {train_per_identity}")
-    for name, value in [("dev_per_identity", dev_per_identity), ("test_per_identity", test_per_identity),
-                        ("seed", seed), ("verification_identities", verification_identities), ("pairs", pairs)]:
-        if value < 0:
-            raise ValueError(f"{name} must not be negative, got {value}")
+    given = locals()
+    for name, least in [("identities", 2), ("image_size", 32), ("train_per_identity", 1), ("dev_per_identity", 0),
+                        ("test_per_identity", 0), ("seed", 0), ("verification_identities", 0), ("pairs", 0)]:
+        if given[name] < least:
+            rule = f"be at least {least}" if least else "not be negative"
+            raise ValueError(f"{name} must {rule}, got {given[name]}")
     if not 0 <= mislabel_rate < 1:
         raise ValueError(f"mislabel_rate must be in [0, 1), got {mislabel_rate}")
     if pairs and verification_identities < 2:
@@ -362,9 +350,7 @@ def plan(root, seed, identities, train_per_identity, dev_per_identity, test_per_
          mislabel_rate, verification_identities, pairs, unknown_per_identity):
     """Every image to draw as a worker job, and the rows of the csv files that describe them."""
     jobs, tables = [], {"test_labels.csv": [("id", "label")], "mislabelled.csv": [("path", "label")]}
-    images = lambda ids, per: [(i, k) for i in ids for k in range(per)]
-
-    train = images(range(identities), train_per_identity)
+    train = list(product(range(identities), range(train_per_identity)))
     rng = np.random.default_rng([seed, MISLABEL_STREAM])
     wrong = rng.choice(len(train), round(mislabel_rate * len(train)), replace=False)
     folders = [identity for identity, _ in train]
@@ -376,11 +362,11 @@ def plan(root, seed, identities, train_per_identity, dev_per_identity, test_per_
         if folder != identity:
             tables["mislabelled.csv"].append((path, identity_name(identity)))
 
-    dev = images(range(identities), dev_per_identity)
+    dev = list(product(range(identities), range(dev_per_identity)))
     for (identity, k), name in zip(dev, file_names(seed, "dev", len(dev))):
         jobs.append((f"dev/{identity_name(identity)}/{name}", "dev", identity, k))
 
-    test = images(range(identities), test_per_identity)
+    test = list(product(range(identities), range(test_per_identity)))
     for (identity, k), name in sorted(zip(test, file_names(seed, "test", len(test))), key=lambda row: row[1]):
         jobs.append((f"test/{name}", "test", identity, k))
         tables["test_labels.csv"].append((name, identity_name(identity)))
@@ -396,16 +382,15 @@ def verification_plan(seed, identities, known_per_identity, verification_identit
                       tables) -> list:
     """The jobs of verification/ (adding its csv files to `tables`): its identities are numbered
     after the training ones, so no one in train appears there."""
-    images = lambda ids, per: [(i, k) for i in ids for k in range(per)]
     known = range(identities, identities + verification_identities)
     absent = range(known.stop, known.stop + absent_identities(verification_identities))
     jobs = []
-    known_images = images(known, known_per_identity)
+    known_images = list(product(known, range(known_per_identity)))
     names = dict(zip(known_images, file_names(seed, "known", len(known_images))))
     for (identity, k), name in names.items():
         jobs.append((f"verification/known/{identity_name(identity)}/{name}", "known", identity, k))
     for split in ("unknown_dev", "unknown_test"):
-        unknown = images([*known, *absent], unknown_per_identity)
+        unknown = list(product([*known, *absent], range(unknown_per_identity)))
         rows = tables[f"verification/verification_{split.removeprefix('unknown_')}.csv"] = [("id", "label")]
         for (identity, k), name in sorted(zip(unknown, file_names(seed, split, len(unknown))), key=lambda row: row[1]):
             jobs.append((f"verification/{split}/{name}", split, identity, k))
