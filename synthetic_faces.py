@@ -433,22 +433,7 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        tmp.chmod(0o755)
-        jobs, tables = plan(tmp, **arguments)
-        for path in {Path(job[0]).parent for job in jobs}:
-            path.mkdir(parents=True, exist_ok=True)
-        with Pool(workers) if workers > 1 else nullcontext() as pool:
-            done = pool.imap_unordered(write_image, jobs, chunksize=16) if pool else map(write_image, jobs)
-            for _ in tqdm(done, total=len(jobs), desc="drawing faces", unit="img", disable=None):
-                pass
-        for name, rows in tables.items():
-            with open(tmp / name, "w", newline="") as f:
-                csv.writer(f).writerows(rows)
-        splits = [job[2] for job in jobs]
-        counts = {split: splits.count(split) for split in SPLIT_STREAMS}
-        counts.update(pairs=pairs, mislabelled=len(tables["mislabelled.csv"]) - 1)
-        marker = dict(version=FORMAT_VERSION, arguments=arguments, counts=counts)
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+        counts = write_set(tmp, arguments, workers)
         try:
             tmp.rename(out_dir)  # replaces an empty directory
         except OSError:
@@ -460,6 +445,26 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return counts
+
+
+def write_set(root: Path, arguments: dict, workers: int) -> dict:
+    """Draw every image and write the csv files and the marker into root; return the counts."""
+    root.chmod(0o755)
+    jobs, tables = plan(root, **arguments)
+    for path in {Path(job[0]).parent for job in jobs}:
+        path.mkdir(parents=True, exist_ok=True)
+    with Pool(workers) if workers > 1 else nullcontext() as pool:
+        done = pool.imap_unordered(write_image, jobs, chunksize=16) if pool else map(write_image, jobs)
+        for _ in tqdm(done, total=len(jobs), desc="drawing faces", unit="img", disable=None):
+            pass
+    for name, rows in tables.items():
+        with open(root / name, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    splits = [job[2] for job in jobs]
+    counts = {split: splits.count(split) for split in SPLIT_STREAMS}
+    counts.update(pairs=arguments["pairs"], mislabelled=len(tables["mislabelled.csv"]) - 1)
+    (root / MARKER).write_text(json.dumps(dict(version=FORMAT_VERSION, arguments=arguments, counts=counts), indent=1))
     return counts
 
 
@@ -476,49 +481,10 @@ def existing_set(out_dir: Path, arguments: dict) -> dict:
     return stored["counts"]
 
 
-# -----------------------------------------------------------------------------
-# the baseline the set must defeat
-
-def linear_probe_accuracy(data_dir, image_size=32, weight_decay=1e-3, steps=300):
-    """Dev accuracy of multinomial logistic regression on standardised raw pixels, fit by L-BFGS.
-    A good data set keeps this far below what a CNN reaches."""
-    import torch  # here, not on top: the command that only draws starts faster without it
-
-    def load(split):
-        paths = sorted(Path(data_dir, split).glob("*/*.jpg"))
-        pixels = [np.asarray(Image.open(p).convert("RGB").resize((image_size, image_size), Image.BILINEAR))
-                  for p in paths]
-        return torch.tensor(np.stack(pixels), dtype=torch.float32).flatten(1), [p.parent.name for p in paths]
-
-    x_train, train_names = load("train")
-    x_dev, dev_names = load("dev")
-    classes = {name: i for i, name in enumerate(sorted(set(train_names)))}
-    y_train, y_dev = (torch.tensor([classes[n] for n in names]) for names in (train_names, dev_names))
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-3
-    x_train, x_dev = (x_train - mean) / std, (x_dev - mean) / std
-    # the optimal weights lie in the span of the training images: fitting in an orthonormal basis
-    # of that span is exact, and much cheaper when pixels outnumber images
-    eigenvalues, vectors = torch.linalg.eigh(x_train @ x_train.T)
-    keep = eigenvalues > 1e-6 * eigenvalues.max()
-    basis = x_train.T @ (vectors[:, keep] / eigenvalues[keep].sqrt())
-    x_train, x_dev = x_train @ basis, x_dev @ basis
-    model = torch.nn.Linear(x_train.shape[1], len(classes))
-    optimiser = torch.optim.LBFGS(model.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
-
-    def loss():
-        optimiser.zero_grad()
-        value = torch.nn.functional.cross_entropy(model(x_train), y_train) + weight_decay * model.weight.square().sum()
-        value.backward()
-        return value
-
-    optimiser.step(loss)
-    with torch.no_grad():
-        return (model(x_dev).argmax(1) == y_dev).float().mean().item()
-
-
 def main(argv=None):
     parser = ArgumentParser(description="Draw a synthetic face data set in the HW2P2 layout.")
-    parser.add_argument("--out", required=True, type=Path, help="directory to create (or reuse, if identical)")
+    parser.add_argument("--out", dest="out_dir", metavar="OUT", required=True, type=Path,
+                        help="directory to create (or reuse, if identical)")
     parser.add_argument("--identities", type=int, default=50)
     parser.add_argument("--train-per-identity", type=int, default=40)
     parser.add_argument("--dev-per-identity", type=int, default=10)
@@ -531,18 +497,18 @@ def main(argv=None):
                         help="known identities of verification/, absent from train (about 1 in 8 more are unknown)")
     parser.add_argument("--unknown-per-identity", type=int, default=1,
                         help="images of each identity in verification/unknown_dev and again in unknown_test")
-    parser.add_argument("--pairs", type=int, default=0, help="verification pairs of known/ images, half same, half different")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="verification pairs of known/ images, half same, half different")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        counts = generate(args.out, args.identities, args.train_per_identity, args.dev_per_identity,
-                          args.test_per_identity, args.image_size, args.seed, args.mislabel_rate,
-                          args.verification_identities, args.pairs, args.unknown_per_identity, args.workers)
+        counts = generate(**vars(args))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" ({time.perf_counter() - start:.1f}s)")
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+    print(f"{args.out_dir}: {summary} ({time.perf_counter() - start:.1f}s)")
 
 
 if __name__ == "__main__":
