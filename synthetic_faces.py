@@ -340,37 +340,33 @@ def check_arguments(identities, train_per_identity, dev_per_identity, test_per_i
         raise ValueError("verification identities need test_per_identity and unknown_per_identity of at least 1")
 
 
-def file_names(seed, split, n):
-    """Shuffled numbers, so that the order of the file names does not follow the identities."""
-    order = np.random.default_rng([seed, NAME_STREAM, SPLIT_STREAMS[split]]).permutation(n)
-    return [f"{k:06d}.jpg" for k in order]
+def images(seed, split, identities, per_identity):
+    """(identity, index, file name) of each image of a split; the names are shuffled numbers, so
+    that their order does not follow the identities."""
+    order = np.random.default_rng([seed, NAME_STREAM, SPLIT_STREAMS[split]]).permutation(len(identities) * per_identity)
+    return [(i, k, f"{n:06d}.jpg") for (i, k), n in zip(product(identities, range(per_identity)), order)]
 
 
 def plan(root, seed, identities, train_per_identity, dev_per_identity, test_per_identity, image_size,
          mislabel_rate, verification_identities, pairs, unknown_per_identity):
     """Every image to draw as a worker job, and the rows of the csv files that describe them."""
     jobs, tables = [], {"test_labels.csv": [("id", "label")], "mislabelled.csv": [("path", "label")]}
-    train = list(product(range(identities), range(train_per_identity)))
+    train = images(seed, "train", range(identities), train_per_identity)
     rng = np.random.default_rng([seed, MISLABEL_STREAM])
     wrong = rng.choice(len(train), round(mislabel_rate * len(train)), replace=False)
-    folders = [identity for identity, _ in train]
+    folders = [identity for identity, _, _ in train]
     for j, shift in zip(wrong, rng.integers(1, identities, len(wrong))):
         folders[j] = (folders[j] + shift) % identities
-    for (identity, k), folder, name in zip(train, folders, file_names(seed, "train", len(train))):
+    for (identity, k, name), folder in zip(train, folders):
         path = f"train/{identity_name(folder)}/{name}"
         jobs.append((path, "train", identity, k))
         if folder != identity:
             tables["mislabelled.csv"].append((path, identity_name(identity)))
-
-    dev = list(product(range(identities), range(dev_per_identity)))
-    for (identity, k), name in zip(dev, file_names(seed, "dev", len(dev))):
+    for identity, k, name in images(seed, "dev", range(identities), dev_per_identity):
         jobs.append((f"dev/{identity_name(identity)}/{name}", "dev", identity, k))
-
-    test = list(product(range(identities), range(test_per_identity)))
-    for (identity, k), name in sorted(zip(test, file_names(seed, "test", len(test))), key=lambda row: row[1]):
+    for identity, k, name in sorted(images(seed, "test", range(identities), test_per_identity), key=lambda row: row[2]):
         jobs.append((f"test/{name}", "test", identity, k))
         tables["test_labels.csv"].append((name, identity_name(identity)))
-
     if verification_identities:
         jobs += verification_plan(seed, identities, test_per_identity, verification_identities, pairs,
                                   unknown_per_identity, tables)
@@ -384,15 +380,13 @@ def verification_plan(seed, identities, known_per_identity, verification_identit
     after the training ones, so no one in train appears there."""
     known = range(identities, identities + verification_identities)
     absent = range(known.stop, known.stop + absent_identities(verification_identities))
-    jobs = []
-    known_images = list(product(known, range(known_per_identity)))
-    names = dict(zip(known_images, file_names(seed, "known", len(known_images))))
-    for (identity, k), name in names.items():
-        jobs.append((f"verification/known/{identity_name(identity)}/{name}", "known", identity, k))
+    names = {(identity, k): name for identity, k, name in images(seed, "known", known, known_per_identity)}
+    jobs = [(f"verification/known/{identity_name(identity)}/{name}", "known", identity, k)
+            for (identity, k), name in names.items()]
     for split in ("unknown_dev", "unknown_test"):
-        unknown = list(product([*known, *absent], range(unknown_per_identity)))
         rows = tables[f"verification/verification_{split.removeprefix('unknown_')}.csv"] = [("id", "label")]
-        for (identity, k), name in sorted(zip(unknown, file_names(seed, split, len(unknown))), key=lambda row: row[1]):
+        unknown = images(seed, split, [*known, *absent], unknown_per_identity)
+        for identity, k, name in sorted(unknown, key=lambda row: row[2]):
             jobs.append((f"verification/{split}/{name}", split, identity, k))
             rows.append((name, identity_name(identity) if identity in known else NO_MATCH))
     if pairs:
