@@ -68,6 +68,11 @@ def absent_identities(known: int) -> int:
 # -----------------------------------------------------------------------------
 # drawing
 
+def rgb(values, k=1):
+    """A colour as PIL takes it, a tuple of ints; k below 1 darkens it."""
+    return tuple(int(v * k) for v in values)
+
+
 @functools.lru_cache(maxsize=None)  # each worker draws many images of each identity
 def identity_traits(seed, identity):
     """The stable look of one identity; sizes are fractions of the face's half-axes or canvas."""
@@ -78,9 +83,8 @@ def identity_traits(seed, identity):
     hair = np.clip(np.array(pick(HAIR_COLOURS)) + rng.integers(-15, 16, 3), 0, 255)
     return dict(
         face_w=u(0.19, 0.26), face_h=u(0.25, 0.32), squareness=u(2.0, 4.0), chin=u(0.0, 0.45),
-        skin=tuple(int(v) for v in skin + rng.integers(-10, 11, 3)), hair=tuple(int(v) for v in hair),
-        hair_style=pick(HAIR_STYLES), hairline=u(0.35, 0.7), part=pick([-1, 1]),
-        ear=u(0.12, 0.26), ear_y=u(-0.15, 0.1),
+        skin=rgb(skin + rng.integers(-10, 11, 3)), hair=rgb(hair), hair_style=pick(HAIR_STYLES), hairline=u(0.35, 0.7),
+        part=pick([-1, 1]), ear=u(0.12, 0.26), ear_y=u(-0.15, 0.1),
         eye_y=u(-0.05, 0.3), eye_gap=u(0.28, 0.55), eye_w=u(0.13, 0.24), eye_h=u(0.3, 0.75),
         eye_tilt=u(-0.35, 0.35), eye_colour=pick(EYE_COLOURS), iris=u(0.45, 0.8), liner=rng.random() < 0.3,
         brow_gap=u(0.1, 0.3), brow_w=u(0.8, 1.4), brow_thick=u(0.008, 0.03), brow_arch=u(-0.04, 0.1),
@@ -88,9 +92,8 @@ def identity_traits(seed, identity):
         nose_style=pick(["triangle", "button", "nostrils", "hook"]), nose_y=u(0.1, 0.35), nose_len=u(0.15, 0.4),
         nose_w=u(0.1, 0.3),
         mouth_style=pick(["line", "lips", "open"]), mouth_y=u(0.48, 0.7), mouth_w=u(0.25, 0.6),
-        mouth_curve=u(-0.08, 0.14), lip=tuple(int(v) for v in rng.integers([130, 30, 40], [220, 90, 100])),
-        glasses=pick([None, None, None, "round", "square", "shades"]),
-        frame=tuple(int(v) for v in rng.integers(0, 200, 3)),
+        mouth_curve=u(-0.08, 0.14), lip=rgb(rng.integers([130, 30, 40], [220, 90, 100])),
+        glasses=pick([None, None, None, "round", "square", "shades"]), frame=rgb(rng.integers(0, 200, 3)),
         beard=pick([None, None, None, "full", "goatee", "moustache"]),
         mole=(u(-0.6, 0.6), u(-0.2, 0.6)) if rng.random() < 0.35 else None,
         blush=rng.random() < 0.3,
@@ -111,10 +114,6 @@ def rotated(points, cx, cy, angle):
     return [(cx + c * x - s * y, cy + s * x + c * y) for x, y in points]
 
 
-def shade(colour, k):
-    return tuple(int(v * k) for v in colour)
-
-
 # where this image's face lies on the c x c canvas: centre, half-axes, the centre line of the inner
 # features (turning the head by `yaw` slides it sideways) and the width of thin lines
 Head = namedtuple("Head", "c cx cy a b yaw fx line")
@@ -125,7 +124,7 @@ def draw_face(draw, t, rng, c):
     cx, cy, a = 0.5 * c, 0.46 * c, t["face_w"] * c
     yaw = rng.uniform(-0.15, 0.15)
     head = Head(c, cx, cy, a, t["face_h"] * c, yaw, fx=cx + yaw * a, line=max(1, int(0.012 * c)))
-    draw_body(draw, t, head, shirt=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw_body(draw, t, head, shirt=rgb(rng.integers(0, 256, 3)))
     draw_skin(draw, t, head)
     draw_hair(draw, t, head)
     openness = 0.15 if rng.random() < 0.05 else rng.uniform(0.6, 1.1)  # a blink now and then
@@ -144,7 +143,7 @@ def draw_body(draw, t, head, shirt):
     if t["hair_style"] == "afro":
         draw.ellipse((cx - 1.55 * a, cy - 1.4 * b, cx + 1.55 * a, cy + 0.6 * b), fill=t["hair"])
     draw.ellipse((cx - 0.48 * c, cy + 0.9 * b, cx + 0.48 * c, cy + 0.9 * b + 0.6 * c), fill=shirt)
-    draw.rectangle((cx - 0.42 * a, cy + 0.4 * b, cx + 0.42 * a, cy + 1.05 * b), fill=shade(t["skin"], 0.75))
+    draw.rectangle((cx - 0.42 * a, cy + 0.4 * b, cx + 0.42 * a, cy + 1.05 * b), fill=rgb(t["skin"], 0.75))
 
 
 def draw_skin(draw, t, head):
@@ -153,7 +152,7 @@ def draw_skin(draw, t, head):
     ew, eh, ey = t["ear"] * a, 1.1 * t["ear"] * b, cy + t["ear_y"] * b
     for side in (-1, 1):
         w = ew * (1 + side * head.yaw * 2)
-        draw.ellipse((cx + side * a - w, ey - eh, cx + side * a + w, ey + eh), fill=shade(t["skin"], 0.75))
+        draw.ellipse((cx + side * a - w, ey - eh, cx + side * a + w, ey + eh), fill=rgb(t["skin"], 0.75))
     draw.polygon(face_outline(cx, cy, a, b, t["squareness"], t["chin"]), fill=t["skin"])
     if t["blush"]:
         for side in (-1, 1):
@@ -204,12 +203,12 @@ def draw_eyes(draw, t, head, openness, gaze, brow_raise):
         draw.ellipse((ex + gaze - r / 2.5, ey - r / 2.5, ex + gaze + r / 2.5, ey + r / 2.5), fill=(10, 10, 10))
         by, bw = ey - h - t["brow_gap"] * b - brow_raise, w * t["brow_w"]
         brow = [(-bw, 0), (0, -t["brow_arch"] * b), (bw, 0)]
-        draw.line(rotated(brow, ex, by, -side * t["brow_tilt"]), fill=shade(t["hair"], 0.7),
+        draw.line(rotated(brow, ex, by, -side * t["brow_tilt"]), fill=rgb(t["hair"], 0.7),
                   width=max(1, int(t["brow_thick"] * head.c)), joint="curve")
 
 
 def draw_nose(draw, t, head):
-    fx, cy, a, b, line, dark = head.fx, head.cy, head.a, head.b, head.line, shade(t["skin"], 0.75)
+    fx, cy, a, b, line, dark = head.fx, head.cy, head.a, head.b, head.line, rgb(t["skin"], 0.75)
     ny, nl, nw = cy + t["nose_y"] * b, t["nose_len"] * b, t["nose_w"] * a
     if t["nose_style"] == "triangle":
         draw.line([(fx, ny - nl), (fx - nw, ny), (fx + nw, ny)], fill=dark, width=line)
@@ -276,7 +275,7 @@ def background(rng, size):
         draw = ImageDraw.Draw(image)
         for _ in range(rng.integers(3, 12)):
             (x0, x1), (y0, y1) = np.sort(rng.uniform(-0.2, 1.2, (2, 2)) * size)
-            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            colour = rgb(rng.integers(0, 256, 3))
             [draw.rectangle, draw.ellipse][rng.integers(2)]((x0, y0, x1, y1), fill=colour)
     return image
 
