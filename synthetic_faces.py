@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from argparse import SUPPRESS
 from collections import namedtuple
 from contextlib import nullcontext
 from itertools import product
@@ -402,6 +403,26 @@ def verification_plan(seed, identities, known_per_identity, verification_identit
     return jobs
 
 
+def write_set(root: Path, arguments: dict, workers: int) -> dict:
+    """Draw every image and write the csv files and the marker into root; return the counts."""
+    root.chmod(0o755)
+    jobs, tables = plan(root, **arguments)
+    for path in {Path(job[0]).parent for job in jobs}:
+        path.mkdir(parents=True, exist_ok=True)
+    with Pool(workers) if workers > 1 else nullcontext() as pool:
+        done = pool.imap_unordered(write_image, jobs, chunksize=16) if pool else map(write_image, jobs)
+        for _ in tqdm(done, total=len(jobs), desc="drawing faces", unit="img", disable=None):
+            pass
+    for name, rows in tables.items():
+        with open(root / name, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    splits = [job[2] for job in jobs]
+    counts = {split: splits.count(split) for split in SPLIT_STREAMS}
+    counts.update(pairs=arguments["pairs"], mislabelled=len(tables["mislabelled.csv"]) - 1)
+    (root / MARKER).write_text(json.dumps(dict(version=FORMAT_VERSION, arguments=arguments, counts=counts), indent=1))
+    return counts
+
+
 def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10,
              image_size=112, seed=0, mislabel_rate=0.0, verification_identities=0, pairs=0, unknown_per_identity=1,
              workers=None):
@@ -441,26 +462,6 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
     return counts
 
 
-def write_set(root: Path, arguments: dict, workers: int) -> dict:
-    """Draw every image and write the csv files and the marker into root; return the counts."""
-    root.chmod(0o755)
-    jobs, tables = plan(root, **arguments)
-    for path in {Path(job[0]).parent for job in jobs}:
-        path.mkdir(parents=True, exist_ok=True)
-    with Pool(workers) if workers > 1 else nullcontext() as pool:
-        done = pool.imap_unordered(write_image, jobs, chunksize=16) if pool else map(write_image, jobs)
-        for _ in tqdm(done, total=len(jobs), desc="drawing faces", unit="img", disable=None):
-            pass
-    for name, rows in tables.items():
-        with open(root / name, "w", newline="") as f:
-            csv.writer(f).writerows(rows)
-    splits = [job[2] for job in jobs]
-    counts = {split: splits.count(split) for split in SPLIT_STREAMS}
-    counts.update(pairs=arguments["pairs"], mislabelled=len(tables["mislabelled.csv"]) - 1)
-    (root / MARKER).write_text(json.dumps(dict(version=FORMAT_VERSION, arguments=arguments, counts=counts), indent=1))
-    return counts
-
-
 def existing_set(out_dir: Path, arguments: dict) -> dict:
     """The counts of the set already in out_dir, if it was made with these arguments."""
     if not (out_dir / MARKER).is_file():
@@ -475,24 +476,25 @@ def existing_set(out_dir: Path, arguments: dict) -> dict:
 
 
 def main(argv=None):
-    parser = ArgumentParser(description="Draw a synthetic face data set in the HW2P2 layout.")
+    # flags left out are left out of the call too: generate's defaults are the command's
+    parser = ArgumentParser(description="Draw a synthetic face data set in the HW2P2 layout.",
+                            argument_default=SUPPRESS)
     parser.add_argument("--out", dest="out_dir", metavar="OUT", required=True, type=Path,
                         help="directory to create (or reuse, if identical)")
-    parser.add_argument("--identities", type=int, default=50)
-    parser.add_argument("--train-per-identity", type=int, default=40)
-    parser.add_argument("--dev-per-identity", type=int, default=10)
-    parser.add_argument("--test-per-identity", type=int, default=10,
+    parser.add_argument("--identities", type=int)
+    parser.add_argument("--train-per-identity", type=int)
+    parser.add_argument("--dev-per-identity", type=int)
+    parser.add_argument("--test-per-identity", type=int,
                         help="also the number of known/ images of each verification identity")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mislabel-rate", type=float, default=0.0, help="fraction of train images filed wrongly")
-    parser.add_argument("--verification-identities", type=int, default=0,
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--mislabel-rate", type=float, help="fraction of train images filed wrongly")
+    parser.add_argument("--verification-identities", type=int,
                         help="known identities of verification/, absent from train (about 1 in 8 more are unknown)")
-    parser.add_argument("--unknown-per-identity", type=int, default=1,
+    parser.add_argument("--unknown-per-identity", type=int,
                         help="images of each identity in verification/unknown_dev and again in unknown_test")
-    parser.add_argument("--pairs", type=int, default=0,
-                        help="verification pairs of known/ images, half same, half different")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--pairs", type=int, help="verification pairs of known/ images, half same, half different")
+    parser.add_argument("--workers", type=int, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
