@@ -55,7 +55,8 @@ def test_layout_and_counts(small):
 def who_is_in(out):
     """Image path under verification/ -> identity number, from the plan the files were written from."""
     jobs, _ = sf.plan(out, seed=0, mislabel_rate=0.0, **{k: v for k, v in SMALL.items() if k != "workers"})
-    return {str(Path(job[0]).relative_to(out / "verification")): job[3] for job in jobs if job[0].count("verification/")}
+    return {str(Path(job[0]).relative_to(out / "verification")): job[3]
+            for job in jobs if job[0].count("verification/")}
 
 
 def test_verification_has_the_kaggle_layout_with_unseen_and_absent_identities(small):
@@ -230,7 +231,8 @@ def test_many_processes_generating_at_once_write_one_set(tmp_path):
     )
     repo = Path(__file__).resolve().parents[1]
     processes = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "set")], cwd=repo, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "set")], cwd=repo, stdout=subprocess.PIPE,
+                         text=True)
         for _ in range(3)
     ]
     outputs = [p.communicate(timeout=120)[0] for p in processes]
