@@ -2,6 +2,7 @@
 face geometry rather than in the pixels a linear model can read."""
 
 import csv
+import hashlib
 import re
 import subprocess
 import sys
@@ -144,6 +145,17 @@ def test_identities_differ_more_than_draws_of_one_identity():
     for a, b in [(0, 1), (2, 3), (4, 5)]:
         first, second, other = mean_face(a, range(40)), mean_face(a, range(40, 80)), mean_face(b, range(40))
         assert np.abs(first - other).mean() > 1.3 * np.abs(first - second).mean()
+
+
+def test_the_drawing_is_the_one_of_this_format_version():
+    """docs/demo.md's figures come from these exact pixels: a change to the drawing must bump
+    FORMAT_VERSION (and this hash), so that an old set on disk is not taken for a new one."""
+    digest = hashlib.sha256()
+    for identity in range(100):
+        rng = np.random.default_rng([0, 1, identity, 0])
+        digest.update(np.asarray(sf.render(sf.identity_traits(0, identity), rng, 32)).tobytes())
+    assert (sf.FORMAT_VERSION, digest.hexdigest()) == (
+        2, "e8324c6fb3d204c828d9b8a8cdfd7dabd9e995181bb1694e2b9d5026f137484e")
 
 
 def linear_probe_accuracy(data_dir, image_size=32, weight_decay=1e-3, steps=300):
