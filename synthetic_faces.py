@@ -30,7 +30,10 @@ import shutil
 import sys
 import tempfile
 import time
+from argparse import SUPPRESS
+from collections import namedtuple
 from contextlib import nullcontext
+from itertools import product
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -66,6 +69,11 @@ def absent_identities(known: int) -> int:
 # -----------------------------------------------------------------------------
 # drawing
 
+def rgb(values, k=1):
+    """A colour as PIL takes it, a tuple of ints; k below 1 darkens it."""
+    return tuple(int(v * k) for v in values)
+
+
 @functools.lru_cache(maxsize=None)  # each worker draws many images of each identity
 def identity_traits(seed, identity):
     """The stable look of one identity; sizes are fractions of the face's half-axes or canvas."""
@@ -76,9 +84,8 @@ def identity_traits(seed, identity):
     hair = np.clip(np.array(pick(HAIR_COLOURS)) + rng.integers(-15, 16, 3), 0, 255)
     return dict(
         face_w=u(0.19, 0.26), face_h=u(0.25, 0.32), squareness=u(2.0, 4.0), chin=u(0.0, 0.45),
-        skin=tuple(int(v) for v in skin + rng.integers(-10, 11, 3)), hair=tuple(int(v) for v in hair),
-        hair_style=pick(HAIR_STYLES), hairline=u(0.35, 0.7), part=pick([-1, 1]),
-        ear=u(0.12, 0.26), ear_y=u(-0.15, 0.1),
+        skin=rgb(skin + rng.integers(-10, 11, 3)), hair=rgb(hair), hair_style=pick(HAIR_STYLES), hairline=u(0.35, 0.7),
+        part=pick([-1, 1]), ear=u(0.12, 0.26), ear_y=u(-0.15, 0.1),
         eye_y=u(-0.05, 0.3), eye_gap=u(0.28, 0.55), eye_w=u(0.13, 0.24), eye_h=u(0.3, 0.75),
         eye_tilt=u(-0.35, 0.35), eye_colour=pick(EYE_COLOURS), iris=u(0.45, 0.8), liner=rng.random() < 0.3,
         brow_gap=u(0.1, 0.3), brow_w=u(0.8, 1.4), brow_thick=u(0.008, 0.03), brow_arch=u(-0.04, 0.1),
@@ -86,9 +93,8 @@ def identity_traits(seed, identity):
         nose_style=pick(["triangle", "button", "nostrils", "hook"]), nose_y=u(0.1, 0.35), nose_len=u(0.15, 0.4),
         nose_w=u(0.1, 0.3),
         mouth_style=pick(["line", "lips", "open"]), mouth_y=u(0.48, 0.7), mouth_w=u(0.25, 0.6),
-        mouth_curve=u(-0.08, 0.14), lip=tuple(int(v) for v in rng.integers([130, 30, 40], [220, 90, 100])),
-        glasses=pick([None, None, None, "round", "square", "shades"]),
-        frame=tuple(int(v) for v in rng.integers(0, 200, 3)),
+        mouth_curve=u(-0.08, 0.14), lip=rgb(rng.integers([130, 30, 40], [220, 90, 100])),
+        glasses=pick([None, None, None, "round", "square", "shades"]), frame=rgb(rng.integers(0, 200, 3)),
         beard=pick([None, None, None, "full", "goatee", "moustache"]),
         mole=(u(-0.6, 0.6), u(-0.2, 0.6)) if rng.random() < 0.35 else None,
         blush=rng.random() < 0.3,
@@ -109,37 +115,55 @@ def rotated(points, cx, cy, angle):
     return [(cx + c * x - s * y, cy + s * x + c * y) for x, y in points]
 
 
+# where this image's face lies on the c x c canvas: centre, half-axes, the centre line of the inner
+# features (turning the head by `yaw` slides it sideways) and the width of thin lines
+Head = namedtuple("Head", "c cx cy a b yaw fx line")
+
+
 def draw_face(draw, t, rng, c):
-    """Draw one face, with this image's expression and shirt, centred on a c x c canvas."""
-    cx, cy = 0.5 * c, 0.46 * c
-    a, b = t["face_w"] * c, t["face_h"] * c
-    skin, hair, dark_skin = t["skin"], t["hair"], tuple(int(v * 0.75) for v in t["skin"])
-    yaw = rng.uniform(-0.15, 0.15)  # turning the head slides the inner features sideways
-    fx = cx + yaw * a
-    style = t["hair_style"]
+    """One face on a c x c canvas, back to front, with this image's pose, shirt and expression."""
+    cx, cy, a = 0.5 * c, 0.46 * c, t["face_w"] * c
+    yaw = rng.uniform(-0.15, 0.15)
+    head = Head(c, cx, cy, a, t["face_h"] * c, yaw, fx=cx + yaw * a, line=max(1, int(0.012 * c)))
+    draw_body(draw, t, head, shirt=rgb(rng.integers(0, 256, 3)))
+    draw_skin(draw, t, head)
+    draw_hair(draw, t, head)
+    openness = 0.15 if rng.random() < 0.05 else rng.uniform(0.6, 1.1)  # a blink now and then
+    draw_eyes(draw, t, head, openness, gaze=rng.uniform(-0.35, 0.35), brow_raise=rng.uniform(-0.03, 0.05))
+    draw_nose(draw, t, head)
+    draw_mouth(draw, t, head, smile=rng.uniform(-0.04, 0.04))
+    draw_mole(draw, t, head)
+    draw_glasses(draw, t, head)
 
-    # behind the head: long hair or an afro, then neck and a shirt of this image's colour
-    if style == "long":
-        draw.rounded_rectangle((cx - 1.25 * a, cy - 1.1 * b, cx + 1.25 * a, cy + 1.35 * b), radius=a, fill=hair)
-    if style == "afro":
-        draw.ellipse((cx - 1.55 * a, cy - 1.4 * b, cx + 1.55 * a, cy + 0.6 * b), fill=hair)
-    draw.ellipse((cx - 0.48 * c, cy + 0.9 * b, cx + 0.48 * c, cy + 0.9 * b + 0.6 * c),
-                 fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    draw.rectangle((cx - 0.42 * a, cy + 0.4 * b, cx + 0.42 * a, cy + 1.05 * b), fill=dark_skin)
 
-    # ears, the far one smaller, then the face
+def draw_body(draw, t, head, shirt):
+    """Behind the head: long hair or an afro, then a shirt and the neck."""
+    cx, cy, a, b, c = head.cx, head.cy, head.a, head.b, head.c
+    if t["hair_style"] == "long":
+        draw.rounded_rectangle((cx - 1.25 * a, cy - 1.1 * b, cx + 1.25 * a, cy + 1.35 * b), radius=a, fill=t["hair"])
+    if t["hair_style"] == "afro":
+        draw.ellipse((cx - 1.55 * a, cy - 1.4 * b, cx + 1.55 * a, cy + 0.6 * b), fill=t["hair"])
+    draw.ellipse((cx - 0.48 * c, cy + 0.9 * b, cx + 0.48 * c, cy + 0.9 * b + 0.6 * c), fill=shirt)
+    draw.rectangle((cx - 0.42 * a, cy + 0.4 * b, cx + 0.42 * a, cy + 1.05 * b), fill=rgb(t["skin"], 0.75))
+
+
+def draw_skin(draw, t, head):
+    """The ears, the far one smaller, then the face and its blush."""
+    cx, cy, a, b, fx = head.cx, head.cy, head.a, head.b, head.fx
     ew, eh, ey = t["ear"] * a, 1.1 * t["ear"] * b, cy + t["ear_y"] * b
     for side in (-1, 1):
-        w = ew * (1 + side * yaw * 2)
-        draw.ellipse((cx + side * a - w, ey - eh, cx + side * a + w, ey + eh), fill=dark_skin)
-    outline = face_outline(cx, cy, a, b, t["squareness"], t["chin"])
-    draw.polygon(outline, fill=skin)
+        w = ew * (1 + side * head.yaw * 2)
+        draw.ellipse((cx + side * a - w, ey - eh, cx + side * a + w, ey + eh), fill=rgb(t["skin"], 0.75))
+    draw.polygon(face_outline(cx, cy, a, b, t["squareness"], t["chin"]), fill=t["skin"])
     if t["blush"]:
         for side in (-1, 1):
             x, y = fx + side * 0.55 * a, cy + 0.3 * b
             draw.ellipse((x - 0.15 * a, y - 0.08 * b, x + 0.15 * a, y + 0.08 * b), fill=(230, 130, 130))
 
-    # hair on top: a cap down to the hairline, shaped by the style
+
+def draw_hair(draw, t, head):
+    """A cap down to the hairline, shaped by the style."""
+    cx, cy, a, b, style, hair = head.cx, head.cy, head.a, head.b, t["hair_style"], t["hair"]
     top = cy - t["hairline"] * b
     if style not in ("bald", "mohawk"):
         draw.chord((cx - 1.08 * a, cy - 1.12 * b, cx + 1.08 * a, 2 * top - (cy - 1.12 * b)), 180, 360, fill=hair)
@@ -156,48 +180,58 @@ def draw_face(draw, t, rng, c):
         draw.polygon([(cx - 0.4 * a, cy - 0.85 * b)] + [(cx + x, cy - (1.35 if i % 2 == 0 else 1.1) * b)
                      for i, x in enumerate(spikes)] + [(cx + 0.4 * a, cy - 0.85 * b)], fill=hair)
 
-    # brows and eyes, mirrored, with this image's gaze, openness and brow raise
-    eye_y, gap, w = cy - t["eye_y"] * b, t["eye_gap"] * a, t["eye_w"] * a
-    openness = 0.15 if rng.random() < 0.05 else rng.uniform(0.6, 1.1)
-    gaze = rng.uniform(-0.35, 0.35) * w
-    raise_ = rng.uniform(-0.03, 0.05) * b
+
+def eye_line(t, head):
+    """The eyes' height, their gap from the centre line, and their centres, left and right: turning
+    the head brings the far eye closer to the centre line."""
+    gap = t["eye_gap"] * head.a
+    return head.cy - t["eye_y"] * head.b, gap, [head.fx + side * gap * (1 - side * head.yaw) for side in (-1, 1)]
+
+
+def draw_eyes(draw, t, head, openness, gaze, brow_raise):
+    """Eyes and brows, mirrored, with this image's openness, gaze and brow raise."""
+    w, b = t["eye_w"] * head.a, head.b
+    h, gaze, brow_raise = w * t["eye_h"], gaze * w, brow_raise * b
+    ey, _, centres = eye_line(t, head)
     x = np.linspace(-1, 1, 12)
-    for side in (-1, 1):
-        ex = fx + side * gap * (1 - side * yaw)
-        h = w * t["eye_h"]
+    for side, ex in zip((-1, 1), centres):
         upper = [(w * v, -h * openness * (1 - v * v) ** 0.7) for v in x]
         lower = [(w * v, 0.6 * h * openness * (1 - v * v) ** 0.9) for v in x[::-1]]
-        eye = rotated(upper + lower, ex, eye_y, -side * t["eye_tilt"])
-        draw.polygon(eye, fill=(245, 245, 240), outline=(20, 20, 20) if t["liner"] else None,
-                     width=max(1, int(0.012 * c)))
+        eye = rotated(upper + lower, ex, ey, -side * t["eye_tilt"])
+        draw.polygon(eye, fill=(245, 245, 240), outline=(20, 20, 20) if t["liner"] else None, width=head.line)
         r = h * t["iris"] * min(1.0, openness * 1.3)
-        draw.ellipse((ex + gaze - r, eye_y - r, ex + gaze + r, eye_y + r), fill=t["eye_colour"])
-        draw.ellipse((ex + gaze - r / 2.5, eye_y - r / 2.5, ex + gaze + r / 2.5, eye_y + r / 2.5), fill=(10, 10, 10))
-        by, bw = eye_y - h - t["brow_gap"] * b - raise_, w * t["brow_w"]
+        draw.ellipse((ex + gaze - r, ey - r, ex + gaze + r, ey + r), fill=t["eye_colour"])
+        draw.ellipse((ex + gaze - r / 2.5, ey - r / 2.5, ex + gaze + r / 2.5, ey + r / 2.5), fill=(10, 10, 10))
+        by, bw = ey - h - t["brow_gap"] * b - brow_raise, w * t["brow_w"]
         brow = [(-bw, 0), (0, -t["brow_arch"] * b), (bw, 0)]
-        draw.line(rotated(brow, ex, by, -side * t["brow_tilt"]), fill=tuple(int(v * 0.7) for v in hair),
-                  width=max(1, int(t["brow_thick"] * c)), joint="curve")
+        draw.line(rotated(brow, ex, by, -side * t["brow_tilt"]), fill=rgb(t["hair"], 0.7),
+                  width=max(1, int(t["brow_thick"] * head.c)), joint="curve")
 
-    # nose
+
+def draw_nose(draw, t, head):
+    fx, cy, a, b, line, dark = head.fx, head.cy, head.a, head.b, head.line, rgb(t["skin"], 0.75)
     ny, nl, nw = cy + t["nose_y"] * b, t["nose_len"] * b, t["nose_w"] * a
-    line = max(1, int(0.012 * c))
     if t["nose_style"] == "triangle":
-        draw.line([(fx, ny - nl), (fx - nw, ny), (fx + nw, ny)], fill=dark_skin, width=line)
+        draw.line([(fx, ny - nl), (fx - nw, ny), (fx + nw, ny)], fill=dark, width=line)
     elif t["nose_style"] == "button":
-        draw.ellipse((fx - nw, ny - 0.5 * nw, fx + nw, ny + 0.5 * nw), fill=dark_skin)
+        draw.ellipse((fx - nw, ny - 0.5 * nw, fx + nw, ny + 0.5 * nw), fill=dark)
     elif t["nose_style"] == "nostrils":
-        draw.line([(fx, ny - nl), (fx, ny - 0.2 * nl)], fill=dark_skin, width=line)
+        draw.line([(fx, ny - nl), (fx, ny - 0.2 * nl)], fill=dark, width=line)
         for side in (-1, 1):
             x = fx + side * 0.5 * nw
             draw.ellipse((x - 0.25 * nw, ny - 0.15 * nw, x + 0.25 * nw, ny + 0.15 * nw), fill=(60, 30, 30))
     else:
         draw.line([(fx - 0.2 * nw, ny - nl), (fx + 0.3 * nw, ny - 0.2 * nl), (fx + 0.6 * nw, ny),
-                   (fx - 0.3 * nw, ny)], fill=dark_skin, width=line, joint="curve")
+                   (fx - 0.3 * nw, ny)], fill=dark, width=line, joint="curve")
 
-    # beard under the mouth, then the mouth with this image's smile
+
+def draw_mouth(draw, t, head, smile):
+    """The beard under the mouth, then the mouth with this image's smile."""
+    cx, cy, a, b, c, fx, hair = head.cx, head.cy, head.a, head.b, head.c, head.fx, t["hair"]
     my, mw = cy + t["mouth_y"] * b, t["mouth_w"] * a
-    curve = (t["mouth_curve"] + rng.uniform(-0.04, 0.04)) * b
+    curve = (t["mouth_curve"] + smile) * b
     if t["beard"] == "full":
+        outline = face_outline(cx, cy, a, b, t["squareness"], t["chin"])
         draw.polygon([p for p in outline if p[1] > cy + 0.2 * b], fill=hair)
     elif t["beard"] == "goatee":
         draw.ellipse((fx - 0.3 * mw, my + 0.05 * b, fx + 0.3 * mw, my + 0.35 * b), fill=hair)
@@ -205,30 +239,33 @@ def draw_face(draw, t, rng, c):
         draw.line([(fx - 0.9 * mw, my), (fx, my - 0.12 * b), (fx + 0.9 * mw, my)], fill=hair,
                   width=max(1, int(0.03 * c)), joint="curve")
     x = np.linspace(-1, 1, 12)
-    smile = [(fx + mw * v, my + curve * (v * v - 1)) for v in x]
+    lips = [(fx + mw * v, my + curve * (v * v - 1)) for v in x]
     if t["mouth_style"] == "line":
-        draw.line(smile, fill=(90, 30, 30), width=max(1, int(0.014 * c)), joint="curve")
+        draw.line(lips, fill=(90, 30, 30), width=max(1, int(0.014 * c)), joint="curve")
     else:
         depth = (0.12 if t["mouth_style"] == "lips" else 0.22) * b
         lower = [(fx + mw * v, my + curve * (v * v - 1) + depth * (1 - v * v)) for v in x[::-1]]
-        draw.polygon(smile + lower, fill=t["lip"] if t["mouth_style"] == "lips" else (50, 10, 10))
+        draw.polygon(lips + lower, fill=t["lip"] if t["mouth_style"] == "lips" else (50, 10, 10))
 
+
+def draw_mole(draw, t, head):
     if t["mole"]:
-        mx, my = fx + t["mole"][0] * a, cy + t["mole"][1] * b
-        draw.ellipse((mx - 0.012 * c, my - 0.012 * c, mx + 0.012 * c, my + 0.012 * c), fill=(50, 30, 20))
+        x, y, r = head.fx + t["mole"][0] * head.a, head.cy + t["mole"][1] * head.b, 0.012 * head.c
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=(50, 30, 20))
 
-    # glasses over everything
-    if t["glasses"]:
-        r, frame = w * 1.35, t["frame"]
-        for side in (-1, 1):
-            ex = fx + side * gap * (1 - side * yaw)
-            box = (ex - r, eye_y - 0.8 * r, ex + r, eye_y + 0.8 * r)
-            if t["glasses"] == "round":
-                draw.ellipse(box, outline=frame, width=max(1, int(0.012 * c)))
-            else:
-                draw.rectangle(box, outline=frame, width=max(1, int(0.012 * c)),
-                               fill=(20, 20, 25) if t["glasses"] == "shades" else None)
-        draw.line([(fx - gap + r, eye_y), (fx + gap - r, eye_y)], fill=frame, width=max(1, int(0.012 * c)))
+
+def draw_glasses(draw, t, head):
+    """Over everything, so drawn last."""
+    if not t["glasses"]:
+        return
+    (ey, gap, centres), r, frame = eye_line(t, head), t["eye_w"] * head.a * 1.35, t["frame"]
+    for ex in centres:
+        box = (ex - r, ey - 0.8 * r, ex + r, ey + 0.8 * r)
+        if t["glasses"] == "round":
+            draw.ellipse(box, outline=frame, width=head.line)
+        else:
+            draw.rectangle(box, outline=frame, width=head.line, fill=(20, 20, 25) if t["glasses"] == "shades" else None)
+    draw.line([(head.fx - gap + r, ey), (head.fx + gap - r, ey)], fill=frame, width=head.line)
 
 
 def background(rng, size):
@@ -239,7 +276,7 @@ def background(rng, size):
         draw = ImageDraw.Draw(image)
         for _ in range(rng.integers(3, 12)):
             (x0, x1), (y0, y1) = np.sort(rng.uniform(-0.2, 1.2, (2, 2)) * size)
-            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            colour = rgb(rng.integers(0, 256, 3))
             [draw.rectangle, draw.ellipse][rng.integers(2)]((x0, y0, x1, y1), fill=colour)
     return image
 
@@ -287,16 +324,12 @@ def write_image(job):
 
 def check_arguments(identities, train_per_identity, dev_per_identity, test_per_identity, image_size, seed,
                     mislabel_rate, verification_identities, pairs, unknown_per_identity):
-    if identities < 2:
-        raise ValueError(f"identities must be at least 2, got {identities}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be at least 32, got {image_size}")
-    if train_per_identity < 1:
-        raise ValueError(f"train_per_identity must be at least 1, got {train_per_identity}")
-    for name, value in [("dev_per_identity", dev_per_identity), ("test_per_identity", test_per_identity),
-                        ("seed", seed), ("verification_identities", verification_identities), ("pairs", pairs)]:
-        if value < 0:
-            raise ValueError(f"{name} must not be negative, got {value}")
+    given = locals()
+    for name, least in [("identities", 2), ("image_size", 32), ("train_per_identity", 1), ("dev_per_identity", 0),
+                        ("test_per_identity", 0), ("seed", 0), ("verification_identities", 0), ("pairs", 0)]:
+        if given[name] < least:
+            rule = f"be at least {least}" if least else "not be negative"
+            raise ValueError(f"{name} must {rule}, got {given[name]}")
     if not 0 <= mislabel_rate < 1:
         raise ValueError(f"mislabel_rate must be in [0, 1), got {mislabel_rate}")
     if pairs and verification_identities < 2:
@@ -307,39 +340,33 @@ def check_arguments(identities, train_per_identity, dev_per_identity, test_per_i
         raise ValueError("verification identities need test_per_identity and unknown_per_identity of at least 1")
 
 
-def file_names(seed, split, n):
-    """Shuffled numbers, so that the order of the file names does not follow the identities."""
-    order = np.random.default_rng([seed, NAME_STREAM, SPLIT_STREAMS[split]]).permutation(n)
-    return [f"{k:06d}.jpg" for k in order]
+def images(seed, split, identities, per_identity):
+    """(identity, index, file name) of each image of a split; the names are shuffled numbers, so
+    that their order does not follow the identities."""
+    order = np.random.default_rng([seed, NAME_STREAM, SPLIT_STREAMS[split]]).permutation(len(identities) * per_identity)
+    return [(i, k, f"{n:06d}.jpg") for (i, k), n in zip(product(identities, range(per_identity)), order)]
 
 
 def plan(root, seed, identities, train_per_identity, dev_per_identity, test_per_identity, image_size,
          mislabel_rate, verification_identities, pairs, unknown_per_identity):
     """Every image to draw as a worker job, and the rows of the csv files that describe them."""
     jobs, tables = [], {"test_labels.csv": [("id", "label")], "mislabelled.csv": [("path", "label")]}
-    images = lambda ids, per: [(i, k) for i in ids for k in range(per)]
-
-    train = images(range(identities), train_per_identity)
+    train = images(seed, "train", range(identities), train_per_identity)
     rng = np.random.default_rng([seed, MISLABEL_STREAM])
     wrong = rng.choice(len(train), round(mislabel_rate * len(train)), replace=False)
-    folders = [identity for identity, _ in train]
+    folders = [identity for identity, _, _ in train]
     for j, shift in zip(wrong, rng.integers(1, identities, len(wrong))):
         folders[j] = (folders[j] + shift) % identities
-    for (identity, k), folder, name in zip(train, folders, file_names(seed, "train", len(train))):
+    for (identity, k, name), folder in zip(train, folders):
         path = f"train/{identity_name(folder)}/{name}"
         jobs.append((path, "train", identity, k))
         if folder != identity:
             tables["mislabelled.csv"].append((path, identity_name(identity)))
-
-    dev = images(range(identities), dev_per_identity)
-    for (identity, k), name in zip(dev, file_names(seed, "dev", len(dev))):
+    for identity, k, name in images(seed, "dev", range(identities), dev_per_identity):
         jobs.append((f"dev/{identity_name(identity)}/{name}", "dev", identity, k))
-
-    test = images(range(identities), test_per_identity)
-    for (identity, k), name in sorted(zip(test, file_names(seed, "test", len(test))), key=lambda row: row[1]):
+    for identity, k, name in sorted(images(seed, "test", range(identities), test_per_identity), key=lambda row: row[2]):
         jobs.append((f"test/{name}", "test", identity, k))
         tables["test_labels.csv"].append((name, identity_name(identity)))
-
     if verification_identities:
         jobs += verification_plan(seed, identities, test_per_identity, verification_identities, pairs,
                                   unknown_per_identity, tables)
@@ -351,18 +378,15 @@ def verification_plan(seed, identities, known_per_identity, verification_identit
                       tables) -> list:
     """The jobs of verification/ (adding its csv files to `tables`): its identities are numbered
     after the training ones, so no one in train appears there."""
-    images = lambda ids, per: [(i, k) for i in ids for k in range(per)]
     known = range(identities, identities + verification_identities)
     absent = range(known.stop, known.stop + absent_identities(verification_identities))
-    jobs = []
-    known_images = images(known, known_per_identity)
-    names = dict(zip(known_images, file_names(seed, "known", len(known_images))))
-    for (identity, k), name in names.items():
-        jobs.append((f"verification/known/{identity_name(identity)}/{name}", "known", identity, k))
+    names = {(identity, k): name for identity, k, name in images(seed, "known", known, known_per_identity)}
+    jobs = [(f"verification/known/{identity_name(identity)}/{name}", "known", identity, k)
+            for (identity, k), name in names.items()]
     for split in ("unknown_dev", "unknown_test"):
-        unknown = images([*known, *absent], unknown_per_identity)
         rows = tables[f"verification/verification_{split.removeprefix('unknown_')}.csv"] = [("id", "label")]
-        for (identity, k), name in sorted(zip(unknown, file_names(seed, split, len(unknown))), key=lambda row: row[1]):
+        unknown = images(seed, split, [*known, *absent], unknown_per_identity)
+        for identity, k, name in sorted(unknown, key=lambda row: row[2]):
             jobs.append((f"verification/{split}/{name}", split, identity, k))
             rows.append((name, identity_name(identity) if identity in known else NO_MATCH))
     if pairs:
@@ -377,6 +401,26 @@ def verification_plan(seed, identities, known_per_identity, verification_identit
                 k1, k2 = rng.integers(known_per_identity, size=2)
                 rows.append((names[known[i1], k1], names[known[i2], k2], 0))
     return jobs
+
+
+def write_set(root: Path, arguments: dict, workers: int) -> dict:
+    """Draw every image and write the csv files and the marker into root; return the counts."""
+    root.chmod(0o755)
+    jobs, tables = plan(root, **arguments)
+    for path in {Path(job[0]).parent for job in jobs}:
+        path.mkdir(parents=True, exist_ok=True)
+    with Pool(workers) if workers > 1 else nullcontext() as pool:
+        done = pool.imap_unordered(write_image, jobs, chunksize=16) if pool else map(write_image, jobs)
+        for _ in tqdm(done, total=len(jobs), desc="drawing faces", unit="img", disable=None):
+            pass
+    for name, rows in tables.items():
+        with open(root / name, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    splits = [job[2] for job in jobs]
+    counts = {split: splits.count(split) for split in SPLIT_STREAMS}
+    counts.update(pairs=arguments["pairs"], mislabelled=len(tables["mislabelled.csv"]) - 1)
+    (root / MARKER).write_text(json.dumps(dict(version=FORMAT_VERSION, arguments=arguments, counts=counts), indent=1))
+    return counts
 
 
 def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10, test_per_identity=10,
@@ -403,22 +447,7 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        tmp.chmod(0o755)
-        jobs, tables = plan(tmp, **arguments)
-        for path in {Path(job[0]).parent for job in jobs}:
-            path.mkdir(parents=True, exist_ok=True)
-        with Pool(workers) if workers > 1 else nullcontext() as pool:
-            done = pool.imap_unordered(write_image, jobs, chunksize=16) if pool else map(write_image, jobs)
-            for _ in tqdm(done, total=len(jobs), desc="drawing faces", unit="img", disable=None):
-                pass
-        for name, rows in tables.items():
-            with open(tmp / name, "w", newline="") as f:
-                csv.writer(f).writerows(rows)
-        splits = [job[2] for job in jobs]
-        counts = {split: splits.count(split) for split in SPLIT_STREAMS}
-        counts.update(pairs=pairs, mislabelled=len(tables["mislabelled.csv"]) - 1)
-        marker = dict(version=FORMAT_VERSION, arguments=arguments, counts=counts)
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+        counts = write_set(tmp, arguments, workers)
         try:
             tmp.rename(out_dir)  # replaces an empty directory
         except OSError:
@@ -446,73 +475,35 @@ def existing_set(out_dir: Path, arguments: dict) -> dict:
     return stored["counts"]
 
 
-# -----------------------------------------------------------------------------
-# the baseline the set must defeat
-
-def linear_probe_accuracy(data_dir, image_size=32, weight_decay=1e-3, steps=300):
-    """Dev accuracy of multinomial logistic regression on standardised raw pixels, fit by L-BFGS.
-    A good data set keeps this far below what a CNN reaches."""
-    import torch  # here, not on top: the command that only draws starts faster without it
-
-    def load(split):
-        paths = sorted(Path(data_dir, split).glob("*/*.jpg"))
-        pixels = [np.asarray(Image.open(p).convert("RGB").resize((image_size, image_size), Image.BILINEAR))
-                  for p in paths]
-        return torch.tensor(np.stack(pixels), dtype=torch.float32).flatten(1), [p.parent.name for p in paths]
-
-    x_train, train_names = load("train")
-    x_dev, dev_names = load("dev")
-    classes = {name: i for i, name in enumerate(sorted(set(train_names)))}
-    y_train, y_dev = (torch.tensor([classes[n] for n in names]) for names in (train_names, dev_names))
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-3
-    x_train, x_dev = (x_train - mean) / std, (x_dev - mean) / std
-    # the optimal weights lie in the span of the training images: fitting in an orthonormal basis
-    # of that span is exact, and much cheaper when pixels outnumber images
-    eigenvalues, vectors = torch.linalg.eigh(x_train @ x_train.T)
-    keep = eigenvalues > 1e-6 * eigenvalues.max()
-    basis = x_train.T @ (vectors[:, keep] / eigenvalues[keep].sqrt())
-    x_train, x_dev = x_train @ basis, x_dev @ basis
-    model = torch.nn.Linear(x_train.shape[1], len(classes))
-    optimiser = torch.optim.LBFGS(model.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
-
-    def loss():
-        optimiser.zero_grad()
-        value = torch.nn.functional.cross_entropy(model(x_train), y_train) + weight_decay * model.weight.square().sum()
-        value.backward()
-        return value
-
-    optimiser.step(loss)
-    with torch.no_grad():
-        return (model(x_dev).argmax(1) == y_dev).float().mean().item()
-
-
 def main(argv=None):
-    parser = ArgumentParser(description="Draw a synthetic face data set in the HW2P2 layout.")
-    parser.add_argument("--out", required=True, type=Path, help="directory to create (or reuse, if identical)")
-    parser.add_argument("--identities", type=int, default=50)
-    parser.add_argument("--train-per-identity", type=int, default=40)
-    parser.add_argument("--dev-per-identity", type=int, default=10)
-    parser.add_argument("--test-per-identity", type=int, default=10,
+    # flags left out are left out of the call too: generate's defaults are the command's
+    parser = ArgumentParser(description="Draw a synthetic face data set in the HW2P2 layout.",
+                            argument_default=SUPPRESS)
+    parser.add_argument("--out", dest="out_dir", metavar="OUT", required=True, type=Path,
+                        help="directory to create (or reuse, if identical)")
+    parser.add_argument("--identities", type=int)
+    parser.add_argument("--train-per-identity", type=int)
+    parser.add_argument("--dev-per-identity", type=int)
+    parser.add_argument("--test-per-identity", type=int,
                         help="also the number of known/ images of each verification identity")
-    parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mislabel-rate", type=float, default=0.0, help="fraction of train images filed wrongly")
-    parser.add_argument("--verification-identities", type=int, default=0,
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--mislabel-rate", type=float, help="fraction of train images filed wrongly")
+    parser.add_argument("--verification-identities", type=int,
                         help="known identities of verification/, absent from train (about 1 in 8 more are unknown)")
-    parser.add_argument("--unknown-per-identity", type=int, default=1,
+    parser.add_argument("--unknown-per-identity", type=int,
                         help="images of each identity in verification/unknown_dev and again in unknown_test")
-    parser.add_argument("--pairs", type=int, default=0, help="verification pairs of known/ images, half same, half different")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--pairs", type=int, help="verification pairs of known/ images, half same, half different")
+    parser.add_argument("--workers", type=int, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        counts = generate(args.out, args.identities, args.train_per_identity, args.dev_per_identity,
-                          args.test_per_identity, args.image_size, args.seed, args.mislabel_rate,
-                          args.verification_identities, args.pairs, args.unknown_per_identity, args.workers)
+        counts = generate(**vars(args))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" ({time.perf_counter() - start:.1f}s)")
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+    print(f"{args.out_dir}: {summary} ({time.perf_counter() - start:.1f}s)")
 
 
 if __name__ == "__main__":
