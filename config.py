@@ -144,7 +144,7 @@ class Recipe:
 @dataclass
 class Run:
     """This invocation: where it writes, what it starts from, the hardware; a resumed run takes these
-    anew. The last four are the command's actions, not settings: config.yaml leaves them out."""
+    anew. The last five are the command's actions, not settings: config.yaml leaves them out."""
     out: Path = flag(Path("checkpoint"), "checkpoints, logs and plots", type=Path)
     init_from: Path | None = flag(None, "start from this checkpoint's weights (same architecture flags), with a new "
                                   "optimiser and schedule; a head of another --loss starts fresh, and so does the "
