@@ -58,10 +58,6 @@ def flag(default=None, help=None, **argparse_options):
     return field(default=default, metadata=dict(help=help, **argparse_options))
 
 
-def switch(help=None):
-    return flag(False, help, action="store_true")
-
-
 @dataclass
 class Data:
     """FaceDataModule's settings; a checkpoint keeps them (image size and normalisation with the model)."""
@@ -73,7 +69,7 @@ class Data:
     rotation: float = flag(30.0, "largest angle of the train images' random rotation (the original's 30)",
                            type=at_least(0.0, float), metavar="DEG")
     subset_classes: int | None = flag(None, "prototype on the first N identities", type=at_least(1))
-    full: bool = switch("train on train+dev, without validation")
+    full: bool = flag(False, "train on train+dev, without validation", action="store_true")
     mean: tuple = flag(KAGGLE_MEAN, "normalisation (python data.py stats DIR/train)", type=finite_float, nargs=3)
     std: tuple = flag(KAGGLE_STD, type=at_least(1e-6, float), nargs=3)
     seed: int = flag(0, type=int)
@@ -81,6 +77,10 @@ class Data:
                              "transform", choices=tuple(AUTO_AUGMENT))
     random_erasing: float = flag(0.0, "chance of blanking a random box of each train image (CPU transform)",
                                  type=below_one, metavar="P")
+
+    def cpu_augmentation(self) -> bool:
+        """Whether the run asks for steps that only the CPU train transform has."""
+        return self.auto_augment != "none" or self.random_erasing > 0
 
 
 @dataclass
@@ -159,17 +159,18 @@ class Run:
     augment_on_device: str = flag("auto", "decode and augment train batches where the model is, workers only read "
                                   "files (auto: on when training on CUDA, where CPU augmentation cannot keep up)",
                                   choices=("auto", "on", "off"))
-    recompute_gelu: bool = switch("less memory, a little slower: backward recomputes FaceNN's GELUs (this run only)")
-    compile: bool = switch("torch.compile the model (measure first: python -m tools.bench)")
+    recompute_gelu: bool = flag(False, "less memory, a little slower: backward recomputes FaceNN's GELUs (this run "
+                                "only)", action="store_true")
+    compile: bool = flag(False, "torch.compile the model (measure first: python -m tools.bench)", action="store_true")
     wandb: str = flag("offline", choices=("off", "offline", "online"))
     config: Path | None = flag(None, "take the settings of this config.yaml (a run's OUT/config.yaml); flags given "
                                "with it override them", type=Path, metavar="FILE")
     resume: str | None = flag(None, "continue from a checkpoint (default OUT/last.ckpt) with its settings; --epochs N "
                               "extends it", nargs="?", const="last")
-    overwrite: bool = switch("replace the run already in --out")
+    overwrite: bool = flag(False, "replace the run already in --out", action="store_true")
     preset: str | None = flag(None, "a named set of defaults that the flags typed override; small: the recipe measured "
                               "best on real photos in a CPU budget (docs/realfaces.md)", choices=tuple(PRESETS))
-    demo: bool = switch("generate synthetic faces and train on them on CPU")
+    demo: bool = flag(False, "generate synthetic faces and train on them on CPU", action="store_true")
 
 
 ACTIONS = ("config", "resume", "overwrite", "preset", "demo")
@@ -194,15 +195,13 @@ class Config:
             return getattr(self.__dict__[GROUP_OF[name]], name)
         raise AttributeError(name)
 
-    def settings(self) -> dict:
-        """The run as config.yaml holds it: by group, plain YAML values, the command's actions left out."""
-        plain = lambda v: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-        return {name: {k: plain(v) for k, v in asdict(getattr(self, name)).items() if k not in ACTIONS}
-                for name in GROUPS}
-
     def write(self, path: Path) -> None:
+        """The run as config.yaml: by group, plain YAML values, the command's actions left out."""
+        plain = lambda v: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        settings = {name: {k: plain(v) for k, v in asdict(getattr(self, name)).items() if k not in ACTIONS}
+                    for name in GROUPS}
         with atomic_write(path) as f:
-            yaml.safe_dump(self.settings(), f, sort_keys=False)
+            yaml.safe_dump(settings, f, sort_keys=False)
 
     def hardware(self) -> tuple[str, str, bool]:
         """(accelerator, precision, augment on the device): --accelerator, --precision and
@@ -210,13 +209,8 @@ class Config:
         workers' augmentation, augment there, unless the run asks for a CPU-only augmentation."""
         accelerator = pick_device().type if self.run.accelerator == "auto" else self.run.accelerator
         gpu, choice = accelerator in ("cuda", "gpu"), self.run.augment_on_device
-        on_device = choice == "on" or (choice == "auto" and gpu and not cpu_augmentation(self.data))
+        on_device = choice == "on" or (choice == "auto" and gpu and not self.data.cpu_augmentation())
         return accelerator, self.run.precision or ("16-mixed" if gpu else "32-true"), on_device
-
-
-def cpu_augmentation(data: Data) -> bool:
-    """Whether the run asks for steps that only the CPU train transform has."""
-    return data.auto_augment != "none" or data.random_erasing > 0
 
 
 def parser(description=None, error=None, defaults=True) -> ArgumentParser:
@@ -293,19 +287,18 @@ def parse_args(argv=None, description=None, presets=None) -> Config:
 def resolve(config: Config) -> Config:
     """The rules between settings, and the recipe's defaults that depend on others; a ValueError
     for a run that cannot be."""
-    data, recipe, run, given = config.data, config.recipe, config.run, config.given
-    widths, depths = config.architecture.widths or WIDTHS, config.architecture.depths or DEPTHS
+    data, network, recipe, run, given = config.data, config.architecture, config.recipe, config.run, config.given
+    widths, depths = network.widths or WIDTHS, network.depths or DEPTHS
     if len(widths) != len(depths):
         raise ValueError(f"--widths {widths} and --depths {depths} need one value per stage each")
-    if config.architecture.backbone != "facenn" and (facenn_only := {"norm", "norm_position", "layer_scale"} & given):
-        raise ValueError(f"{option(min(facenn_only))} is a FaceNN block option, not for --backbone "
-                         f"{config.architecture.backbone}")
+    if network.backbone != "facenn" and (facenn_only := {"norm", "norm_position", "layer_scale"} & given):
+        raise ValueError(f"{option(min(facenn_only))} is a FaceNN block option, not for --backbone {network.backbone}")
     if recipe.warmup_epochs is None:  # the seed's share, 10 of 60 epochs, so that a shorter run still anneals
         recipe.warmup_epochs = round(recipe.epochs / 6)
     if recipe.warmup_epochs >= recipe.epochs:
         raise ValueError(f"--warmup-epochs {recipe.warmup_epochs} must be less than --epochs {recipe.epochs}, so that "
                          "the run anneals")
-    if run.augment_on_device == "on" and cpu_augmentation(data):
+    if run.augment_on_device == "on" and data.cpu_augmentation():
         raise ValueError("--auto-augment and --random-erasing run in the CPU workers: not with --augment-on-device on")
     if recipe.loss != "ce":  # the papers' recipe: neither mixup (refused) nor label smoothing, unless given
         for name, what in (("mixup_alpha", "mixup"), ("cutmix_alpha", "CutMix")):
