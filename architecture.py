@@ -88,12 +88,8 @@ class Head(nn.Module):
 
 class FaceNN(nn.Module):
     """The face classifier. `forward_features` gives the pooled embedding (for verification);
-    `forward` the logits over identities.
-
-    It computes in the memory layout it is given, like torchvision's networks; channels_last
-    (weights and input) is the fast one, because the 1x1 convolutions of the ConvNeXt blocks are
-    matmuls over the NHWC view, which an NCHW tensor has to be copied for. training.FaceClassifier
-    runs every backbone that way."""
+    `forward` the logits over identities. It computes in the memory layout it is given; channels_last
+    (weights and input) is the fast one, in which the blocks' 1x1 convolutions need no copy."""
 
     def __init__(
         self,
@@ -125,12 +121,12 @@ class ConvNeXtBaseline(ConvNeXt):
     """torchvision's ConvNeXt with FaceNN's `forward_features`, so that a checkpoint of either
     backbone gives embeddings for verification."""
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The pooled, layer-normed features the last Linear classifies."""
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # the pooled, layer-normed features
         return self.classifier[:-1](self.avgpool(self.features(x)))
 
 
-def convnext_baseline(num_classes: int = NUM_CLASSES, widths=WIDTHS, depths=DEPTHS, drop_path: float = 0.0) -> ConvNeXtBaseline:
+def convnext_baseline(num_classes: int = NUM_CLASSES, widths=WIDTHS, depths=DEPTHS,
+                      drop_path: float = 0.0) -> ConvNeXtBaseline:
     """torchvision's ConvNeXt at FaceNN's widths and depths: the design the seed measured itself
     against ("slightly better than the base ConvNeXt"). `drop_path` is its stochastic depth,
     linear over the blocks as in FaceNN."""
@@ -148,10 +144,8 @@ def count_parameters(module: nn.Module) -> int:
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
                         _output_padding, _groups, output_mask, out_shape=None) -> int:
     """The input gradient and the weight gradient of a convolution each cost its forward FLOPs.
-
     torch's own formula leaves `groups` out of the weight gradient, which counts a depthwise
-    convolution's weight gradient once per channel: FaceNN's training step would be 49 GFLOP per
-    image instead of 16, ConvNeXt's 36 instead of 13."""
+    convolution's weight gradient once per channel."""
     forward = conv_flop_count(grad_out_shape if transposed else x_shape, w_shape,
                               x_shape if transposed else grad_out_shape, transposed)
     return forward * (int(output_mask[0]) + int(output_mask[1]))

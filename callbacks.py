@@ -33,16 +33,14 @@ class EpochSeed(L.Callback):
 
 
 class ThroughputMonitor(L.Callback):
-    """Images/s and FLOP/s of training, summed over devices, with the FLOPs of a step the module
-    counts (`flops_per_batch`). At each epoch's end: train_img_per_s and train_flop_per_s over the
-    epoch's training, data loading included, validation not, and train_images. At the steps the
-    loggers write: Lightning's rolling figures (its Throughput over the last `window_size` readings)
-    as train/..., such as train/device/samples_per_sec and, on GPUs Lightning knows, train/device/mfu.
+    """Images/s and FLOP/s (by the module's `flops_per_batch`) of training, summed over devices: per
+    epoch (train_img_per_s, train_flop_per_s, train_images; data loading included, validation not),
+    and Lightning's rolling Throughput (train/..., such as train/device/mfu) at the steps the loggers
+    write.
 
-    The clock is read only at those steps and at each epoch's last one, after one
-    torch.cuda.synchronize() on a GPU: the steps in between are counted and timed together at the
-    next reading, so that the host can queue each step while the GPU works on the one before
-    (Lightning's own ThroughputMonitor synchronises at every step)."""
+    The clock is read only at those steps and at each epoch's last one, so that the host can queue
+    each step while the GPU works on the one before (Lightning's own ThroughputMonitor synchronises
+    at every step)."""
 
     def __init__(self, window_size: int = 4):
         self.window_size = window_size
@@ -61,8 +59,8 @@ class ThroughputMonitor(L.Callback):
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        images = len(batch[1])
-        self.batches, self.images, self.epoch_images = self.batches + 1, self.images + images, self.epoch_images + images
+        self.batches, self.images = self.batches + 1, self.images + len(batch[1])
+        self.epoch_images += len(batch[1])
         self.unclocked_flops += pl_module.flops_per_batch or 0
         # global_step has counted this step: the loggers write when it is a multiple, as for the loss
         logging = trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
@@ -98,18 +96,12 @@ class ResumableCSVLogger(Logger):
     and renames it into place, so that a run killed meanwhile keeps the old one. Hyperparameters
     are not logged here: the checkpoint holds them."""
 
+    name = version = ""  # no experiment folders: the file lies in `folder`
+
     def __init__(self, folder):
         super().__init__()
         self.path = Path(folder) / "metrics.csv"
         self.columns: list[str] | None = None  # the file's header, read at the first row (after --overwrite clears it)
-
-    @property
-    def name(self) -> str:
-        return ""
-
-    @property
-    def version(self) -> str:
-        return ""
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass

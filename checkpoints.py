@@ -13,15 +13,13 @@ CHECKPOINT_HELP = "expected a .ckpt written by run_training.py"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint file I/O (a Trainer plugin: `plugins=[AtomicCheckpointIO()]`), writing
-    each checkpoint beside its target and renaming it into place, so that a failed or interrupted
-    write (a full disk, a kill) leaves the previous file whole, never a half-written one as the only
-    copy. The Strategy calls it on global rank zero only, so no other DDP rank races the rename or
-    the clean-up.
+    """Lightning's checkpoint file I/O (a Trainer plugin), writing each checkpoint beside its target
+    and renaming it into place, so that a failed or interrupted write (a full disk, a kill) leaves
+    the previous file whole. Only global rank zero writes, so no DDP rank races the rename.
 
-    It reads the ModelCheckpoints' state of a checkpoint from before this plugin (saved under
-    AtomicCheckpoint{...}, a subclass of ModelCheckpoint that wrote this way), so that a resumed
-    run keeps its best score."""
+    A checkpoint from before this plugin keeps its ModelCheckpoints' state under AtomicCheckpoint{...}
+    (a ModelCheckpoint subclass that wrote this way): read as ModelCheckpoint's, a resumed run keeps
+    its best score."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         partial = Path(f"{path}.partial")

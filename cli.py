@@ -47,14 +47,10 @@ finite_float = at_least(-math.inf, float)  # any float but NaN and infinity
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc keep the memory of freed tensors for the next ones, instead of handing it back.
-
-    By default glibc gives every allocation over 32 MB its own mmap and unmaps it on free, so each
-    training step gets its largest activations as fresh pages that the kernel zero-fills at first
-    touch, which on CPU costs a training step much of its time (docs/performance.md). CUDA's
-    caching allocator does the same for GPU memory. The process then holds on to its peak memory
-    until it exits. Returns False where the C library is not glibc (Windows, macOS,
-    musl)."""
+    """Make glibc keep the memory of freed tensors for the next ones, as CUDA's caching allocator
+    does, instead of unmapping each large one so that every training step page-faults its largest
+    activations in afresh (docs/performance.md). The process then holds its peak memory until it
+    exits. False where the C library is not glibc (Windows, macOS, musl)."""
     if not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None)  # the C library the interpreter runs on
@@ -79,12 +75,9 @@ def check_outputs(outputs: dict, inputs: dict) -> None:
     """Refuse, before any work, an output that would replace one of the command's inputs (a file, or
     a file inside an input directory) or another of its outputs, or that names a directory. Both map
     a flag (for the message) to a path, or to None for one not given."""
-    inputs = {flag: Path(path) for flag, path in inputs.items() if path is not None}
-    seen = {}
-    for flag, path in outputs.items():
-        if path is None:
-            continue
-        path = Path(path)
+    given = lambda paths: {flag: Path(path) for flag, path in paths.items() if path is not None}
+    inputs, seen = given(inputs), {}
+    for flag, path in given(outputs).items():
         if path.is_dir():
             raise UserError(f"{path}: is a directory (expected a file name to write for {flag})")
         for other, kept in [*inputs.items(), *seen.items()]:

@@ -49,13 +49,13 @@ def below_one(text):
     return value
 
 
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def flag(default=None, help=None, **argparse_options):
     """A setting and its command-line flag (--name-with-dashes): argparse's options ride along."""
     return field(default=default, metadata=dict(help=help, **argparse_options))
-
-
-def switch(help=None):
-    return flag(False, help, action="store_true")
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Data:
     rotation: float = flag(30.0, "largest angle of the train images' random rotation (the original's 30)",
                            type=at_least(0.0, float), metavar="DEG")
     subset_classes: int | None = flag(None, "prototype on the first N identities", type=at_least(1))
-    full: bool = switch("train on train+dev, without validation")
+    full: bool = flag(False, "train on train+dev, without validation", action="store_true")
     mean: tuple = flag(KAGGLE_MEAN, "normalisation (python data.py stats DIR/train)", type=finite_float, nargs=3)
     std: tuple = flag(KAGGLE_STD, type=at_least(1e-6, float), nargs=3)
     seed: int = flag(0, type=int)
@@ -77,6 +77,10 @@ class Data:
                              "transform", choices=tuple(AUTO_AUGMENT))
     random_erasing: float = flag(0.0, "chance of blanking a random box of each train image (CPU transform)",
                                  type=below_one, metavar="P")
+
+    def cpu_augmentation(self) -> bool:
+        """Whether the run asks for steps that only the CPU train transform has."""
+        return self.auto_augment != "none" or self.random_erasing > 0
 
 
 @dataclass
@@ -94,10 +98,12 @@ class Architecture:
     norm_position: str = flag("after_dwconv", "where the blocks' norm sits: after the depthwise conv (the original's "
                               "and ConvNeXt's), before it, or after the 1x1 expansion", choices=NORM_POSITIONS)
     layer_scale: float | None = flag(None, "ConvNeXt's layer scale: each block's branch times a learned per-channel "
-                                     "factor starting at this value (off, as in the original)", type=at_least(1e-12, float))
+                                     "factor starting at this value (off, as in the original)",
+                                     type=at_least(1e-12, float))
 
     def network(self) -> dict:
-        """The backbone's keyword arguments: widths and depths where given, drop_path always (a resumed run compares)."""
+        """The backbone's keyword arguments: widths and depths where given, drop_path always (a resumed run
+        compares)."""
         network = dict(stem=self.stem, head_layers=self.head_layers, norm=self.norm, norm_position=self.norm_position,
                        layer_scale=self.layer_scale) if self.backbone == "facenn" else {}
         network.update({k: v for k, v in (("widths", self.widths), ("depths", self.depths)) if v})
@@ -118,8 +124,9 @@ class Recipe:
                               type=at_least(0.0, float))
     loss: str = flag("ce", "ce: cross-entropy on the head's logits; arcface/cosface: a margin loss on the normalised "
                      "embedding (best as fine-tuning: --init-from a ce checkpoint)", choices=("ce", *MARGINS))
-    margin: float | None = flag(None, "of --loss arcface (an angle, radians) or cosface (a cosine); default the paper's: "
-                                + ", ".join(f"{loss} {m}" for loss, m in MARGINS.items()), type=at_least(0.0, float))
+    margin: float | None = flag(None, "of --loss arcface (an angle, radians) or cosface (a cosine); default the "
+                                "paper's: " + ", ".join(f"{loss} {m}" for loss, m in MARGINS.items()),
+                                type=at_least(0.0, float))
     scale: float = flag(RECIPE["scale"], "of a margin loss's cosine logits", type=at_least(1e-3, float))
     cutmix_alpha: float = flag(RECIPE["cutmix_alpha"], "CutMix with Beta(A, A) box areas: each batch gets CutMix or "
                                "mixup, 50/50 (CutMix alone with --mixup-alpha 0; not with a margin loss)",
@@ -137,7 +144,7 @@ class Recipe:
 @dataclass
 class Run:
     """This invocation: where it writes, what it starts from, the hardware; a resumed run takes these
-    anew. The last four are the command's actions, not settings: config.yaml leaves them out."""
+    anew. The last five are the command's actions, not settings: config.yaml leaves them out."""
     out: Path = flag(Path("checkpoint"), "checkpoints, logs and plots", type=Path)
     init_from: Path | None = flag(None, "start from this checkpoint's weights (same architecture flags), with a new "
                                   "optimiser and schedule; a head of another --loss starts fresh, and so does the "
@@ -152,24 +159,25 @@ class Run:
     augment_on_device: str = flag("auto", "decode and augment train batches where the model is, workers only read "
                                   "files (auto: on when training on CUDA, where CPU augmentation cannot keep up)",
                                   choices=("auto", "on", "off"))
-    recompute_gelu: bool = switch("less memory, a little slower: backward recomputes FaceNN's GELUs (this run only)")
-    compile: bool = switch("torch.compile the model (measure first: python -m tools.bench)")
+    recompute_gelu: bool = flag(False, "less memory, a little slower: backward recomputes FaceNN's GELUs (this run "
+                                "only)", action="store_true")
+    compile: bool = flag(False, "torch.compile the model (measure first: python -m tools.bench)", action="store_true")
     wandb: str = flag("offline", choices=("off", "offline", "online"))
     config: Path | None = flag(None, "take the settings of this config.yaml (a run's OUT/config.yaml); flags given "
                                "with it override them", type=Path, metavar="FILE")
     resume: str | None = flag(None, "continue from a checkpoint (default OUT/last.ckpt) with its settings; --epochs N "
                               "extends it", nargs="?", const="last")
-    overwrite: bool = switch("replace the run already in --out")
+    overwrite: bool = flag(False, "replace the run already in --out", action="store_true")
     preset: str | None = flag(None, "a named set of defaults that the flags typed override; small: the recipe measured "
                               "best on real photos in a CPU budget (docs/realfaces.md)", choices=tuple(PRESETS))
-    demo: bool = switch("generate synthetic faces and train on them on CPU")
+    demo: bool = flag(False, "generate synthetic faces and train on them on CPU", action="store_true")
 
 
 ACTIONS = ("config", "resume", "overwrite", "preset", "demo")
 GROUPS = {"data": Data, "architecture": Architecture, "recipe": Recipe, "run": Run}
 FIELDS = {f.name: f for group in GROUPS.values() for f in fields(group)}
 GROUP_OF = {f.name: name for name, group in GROUPS.items() for f in fields(group)}
-KEPT = [f.name for group in (Data, Architecture, Recipe) for f in fields(group)]  # what --resume takes from a checkpoint
+KEPT = [f.name for group in (Data, Architecture, Recipe) for f in fields(group)]  # what a checkpoint keeps
 CHANGEABLE_ON_RESUME = {"data_dir", "batch_size", "epochs"}  # the data may move, a smaller GPU need a smaller batch
 
 
@@ -187,43 +195,34 @@ class Config:
             return getattr(self.__dict__[GROUP_OF[name]], name)
         raise AttributeError(name)
 
-    def settings(self) -> dict:
-        """The run as config.yaml holds it: by group, plain YAML values, the command's actions left out."""
-        plain = lambda v: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-        return {name: {k: plain(v) for k, v in asdict(getattr(self, name)).items() if k not in ACTIONS}
-                for name in GROUPS}
-
     def write(self, path: Path) -> None:
+        """The run as config.yaml: by group, plain YAML values, the command's actions left out."""
+        plain = lambda v: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        settings = {name: {k: plain(v) for k, v in asdict(getattr(self, name)).items() if k not in ACTIONS}
+                    for name in GROUPS}
         with atomic_write(path) as f:
-            yaml.safe_dump(self.settings(), f, sort_keys=False)
+            yaml.safe_dump(settings, f, sort_keys=False)
 
     def hardware(self) -> tuple[str, str, bool]:
         """(accelerator, precision, augment on the device): --accelerator, --precision and
         --augment-on-device auto decided for this machine. On a GPU, whose training outruns a few CPU
         workers' augmentation, augment there, unless the run asks for a CPU-only augmentation."""
         accelerator = pick_device().type if self.run.accelerator == "auto" else self.run.accelerator
-        precision = self.run.precision or ("16-mixed" if accelerator in ("cuda", "gpu") else "32-true")
-        return accelerator, precision, augment_on_device(self.run.augment_on_device, accelerator, cpu_augmentation(self))
+        gpu, choice = accelerator in ("cuda", "gpu"), self.run.augment_on_device
+        on_device = choice == "on" or (choice == "auto" and gpu and not self.data.cpu_augmentation())
+        return accelerator, self.run.precision or ("16-mixed" if gpu else "32-true"), on_device
 
 
-def cpu_augmentation(config) -> bool:
-    """Whether the run asks for steps that only the CPU train transform has."""
-    return config.auto_augment != "none" or config.random_erasing > 0
-
-
-def augment_on_device(choice: str, accelerator: str, cpu_only: bool = False) -> bool:
-    return choice == "on" or (choice == "auto" and accelerator in ("cuda", "gpu") and not cpu_only)
-
-
-def parser(description=None, error=None) -> ArgumentParser:
-    """The command line: one flag a setting, in its group's section of --help."""
+def parser(description=None, error=None, defaults=True) -> ArgumentParser:
+    """The command line: one flag a setting, in its group's section of --help. Without `defaults`
+    it sets only the flags typed."""
     p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if error:
         p.error = error
     for name, group in GROUPS.items():
         section = p.add_argument_group(name)
         for f in fields(group):
-            section.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
+            section.add_argument(option(f.name), default=f.default if defaults else argparse.SUPPRESS, **f.metadata)
     return p
 
 
@@ -231,13 +230,13 @@ def as_flags(settings: dict) -> list[str]:
     """Settings (flag name -> value, as YAML or a preset holds them) as the command line that gives them."""
     argv = []
     for name, value in settings.items():
-        option = "--" + name.replace("_", "-")
         if value is True:
-            argv.append(option)
+            argv.append(option(name))
         elif isinstance(value, (list, tuple)):
-            argv += [option, *map(str, value)] if FIELDS[name].metadata.get("nargs") else [f"{option}={','.join(map(str, value))}"]
+            nargs = FIELDS[name].metadata.get("nargs")  # a word a value, else comma-separated
+            argv += [option(name), *map(str, value)] if nargs else [f"{option(name)}={','.join(map(str, value))}"]
         elif value is not None and value is not False:
-            argv.append(f"{option}={value}")
+            argv.append(f"{option(name)}={value}")
     return argv
 
 
@@ -247,7 +246,8 @@ def read_settings(path: Path) -> dict:
     try:
         groups = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"cannot read it ({' '.join(str(getattr(error, 'strerror', None) or error).split())})") from error
+        reason = " ".join(str(getattr(error, "strerror", None) or error).split())
+        raise ValueError(f"cannot read it ({reason})") from error
     if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
         raise ValueError(f"expected groups of settings ({', '.join(GROUPS)}), as run_training.py writes it")
     for group, values in groups.items():
@@ -267,27 +267,19 @@ def parse_args(argv=None, description=None, presets=None) -> Config:
     for name, settings in (presets or {}).items():
         if chosen := getattr(args, name):
             defaults.update(settings[chosen] if isinstance(chosen, str) else settings)
+    source = f"--config {args.config}: " if args.config else ""
     if args.config:
         try:
             defaults.update(read_settings(args.config))
         except ValueError as error:
-            p.error(f"--config {args.config}: {error}")
-    if defaults:  # parsed as flags: a file's bad value is refused as the flag's would be
-
-        def refuse(message):
-            p.error(f"--config {args.config}: {message}" if args.config else message)
-
-        typed = parser(error=refuse).parse_args(as_flags(defaults))
-        p.set_defaults(**{name: getattr(typed, name) for name in defaults})
-        args = p.parse_args(argv)
-    unset = object()
-    bare = parser()  # the same flags, all defaulting to `unset`: the others the command line gave
-    bare.set_defaults(**dict.fromkeys(vars(args), unset))
-    given = frozenset(name for name, value in vars(bare.parse_args(argv)).items() if value is not unset)
-    value = lambda name: tuple(getattr(args, name)) if isinstance(getattr(args, name), list) else getattr(args, name)
-    groups = {name: group(**{f.name: value(f.name) for f in fields(group)}) for name, group in GROUPS.items()}
+            p.error(source + str(error))
+    # the defaults parsed as flags, so that a file's bad value is refused as the flag's would be
+    values = vars(parser(error=lambda message: p.error(source + message)).parse_args(as_flags(defaults)))
+    given = vars(parser(defaults=False).parse_args(argv))
+    values = {name: tuple(v) if isinstance(v, list) else v for name, v in {**values, **given}.items()}
+    groups = {name: group(**{f.name: values[f.name] for f in fields(group)}) for name, group in GROUPS.items()}
     try:
-        return resolve(Config(**groups, given=given))
+        return resolve(Config(**groups, given=frozenset(given)))
     except ValueError as error:
         p.error(str(error))
 
@@ -295,29 +287,28 @@ def parse_args(argv=None, description=None, presets=None) -> Config:
 def resolve(config: Config) -> Config:
     """The rules between settings, and the recipe's defaults that depend on others; a ValueError
     for a run that cannot be."""
-    data, recipe, run, given = config.data, config.recipe, config.run, config.given
-    widths, depths = config.architecture.widths or WIDTHS, config.architecture.depths or DEPTHS
+    data, network, recipe, run, given = config.data, config.architecture, config.recipe, config.run, config.given
+    widths, depths = network.widths or WIDTHS, network.depths or DEPTHS
     if len(widths) != len(depths):
         raise ValueError(f"--widths {widths} and --depths {depths} need one value per stage each")
-    if config.architecture.backbone != "facenn" and (facenn_only := {"norm", "norm_position", "layer_scale"} & given):
-        raise ValueError(f"--{min(facenn_only).replace('_', '-')} is a FaceNN block option, not for --backbone "
-                         f"{config.architecture.backbone}")
+    if network.backbone != "facenn" and (facenn_only := {"norm", "norm_position", "layer_scale"} & given):
+        raise ValueError(f"{option(min(facenn_only))} is a FaceNN block option, not for --backbone {network.backbone}")
     if recipe.warmup_epochs is None:  # the seed's share, 10 of 60 epochs, so that a shorter run still anneals
         recipe.warmup_epochs = round(recipe.epochs / 6)
     if recipe.warmup_epochs >= recipe.epochs:
         raise ValueError(f"--warmup-epochs {recipe.warmup_epochs} must be less than --epochs {recipe.epochs}, so that "
                          "the run anneals")
-    if run.augment_on_device == "on" and cpu_augmentation(data):
+    if run.augment_on_device == "on" and data.cpu_augmentation():
         raise ValueError("--auto-augment and --random-erasing run in the CPU workers: not with --augment-on-device on")
     if recipe.loss != "ce":  # the papers' recipe: neither mixup (refused) nor label smoothing, unless given
         for name, what in (("mixup_alpha", "mixup"), ("cutmix_alpha", "CutMix")):
             if getattr(recipe, name) and (name in given or name == "cutmix_alpha"):
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(recipe, name)} with --loss {recipe.loss}: {what} "
-                                 f"mixes two classes, the margin needs one true class (leave {what} out)")
+                raise ValueError(f"{option(name)} {getattr(recipe, name)} with --loss {recipe.loss}: {what} mixes "
+                                 f"two classes, the margin needs one true class (leave {what} out)")
         recipe.mixup_alpha = 0.0
         recipe.label_smoothing = recipe.label_smoothing if "label_smoothing" in given else 0.0
         recipe.margin = MARGINS[recipe.loss] if recipe.margin is None else recipe.margin
-    elif "margin" in given and recipe.margin is not None:
+    elif "margin" in given:
         raise ValueError("--margin is for --loss arcface or cosface")
     else:
         recipe.margin = None  # a file's margin, of its margin loss
@@ -338,28 +329,25 @@ def kept_settings(checkpoint: dict) -> dict:
     hyperparameters (the network, the recipe, the input's size and normalisation), the data
     module's, and early stopping's patience. Widths and depths are there only where given."""
     model = checkpoint["hyper_parameters"]
-    early_stopping = next((state for key, state in checkpoint.get("callbacks", {}).items()
-                           if key.startswith("EarlyStopping")), {})
     stored = {**checkpoint.get("datamodule_hyper_parameters", {}), **model, **(model.get("architecture") or {}),
-              **{flag: model[name] for flag, name in MODEL_NAMES.items() if name in model}}
-    stored.update({"patience": early_stopping["patience"]} if "patience" in early_stopping else {})
-    return {name: tuple(stored[name]) if isinstance(stored[name], list) else stored[name] for name in KEPT if name in stored}
+              **{flag: model[name] for flag, name in MODEL_NAMES.items() if name in model},
+              **{"patience": state["patience"] for key, state in checkpoint.get("callbacks", {}).items()
+                 if key.startswith("EarlyStopping") and "patience" in state}}
+    return {name: tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+            for name in KEPT if name in stored}
 
 
 def resumed(config: Config, checkpoint: dict, path: Path) -> Config:
     """The run a checkpoint continues: its settings, refusing a flag given with another value.
     --epochs (the run's new length), --data-dir and --batch-size may change."""
-    groups = {name: asdict(getattr(config, name)) for name in GROUPS}
+    groups = {name: replace(getattr(config, name)) for name in GROUPS}  # copies, to take the kept settings
     for name, kept in kept_settings(checkpoint).items():
-        group = GROUP_OF[name]
         if name in config.given and name in CHANGEABLE_ON_RESUME:
             continue
-        given = groups[group][name]
-        if name in config.given and given != kept:
-            option = "--" + name.replace("_", "-")
-            raise UserError(f"{option} {given} contradicts {path}, which was trained "
+        if name in config.given and getattr(config, name) != kept:
+            raise UserError(f"{option(name)} {getattr(config, name)} contradicts {path}, which was trained "
                             f"{'without it' if kept is None else f'with {kept}'}: a resumed run "
-                            f"keeps its settings (leave out {option}, or start a new run in another --out)")
-        groups[group][name] = kept
-    groups["data"]["data_dir"] = Path(groups["data"]["data_dir"])  # the checkpoint keeps it as text
-    return replace(config, **{name: GROUPS[name](**values) for name, values in groups.items()})
+                            f"keeps its settings (leave out {option(name)}, or start a new run in another --out)")
+        setattr(groups[GROUP_OF[name]], name, kept)
+    groups["data"].data_dir = Path(groups["data"].data_dir)  # the checkpoint keeps it as text
+    return replace(config, **groups)

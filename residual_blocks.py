@@ -1,13 +1,8 @@
 """Residual blocks of FaceNN: the ConvNeXt block and the MobileNetV2 inverted bottleneck.
 
-Every layer is built with its channel counts, so parameter counts and the optimiser see the whole
-block at construction. 1x1 convolutions of the ConvNeXt block run as `nn.Linear` on the
-channels-last view of the tensor (as torchvision's ConvNeXt does): with a `channels_last` input
-the permutes are free and the projections become plain matrix multiplies.
-
-ReLU6 after a convolution works in place and keeps only its output for backward: some of the
-largest tensors of a training step are then allocated (and, on CPU, page-faulted in) once instead
-of twice, and saved once instead of twice.
+1x1 convolutions of the ConvNeXt block run as `nn.Linear` on the channels-last view of the tensor
+(as torchvision's ConvNeXt does): with a `channels_last` input the permutes are free and the
+projections become plain matrix multiplies.
 """
 
 from functools import partial
@@ -35,7 +30,8 @@ class _ReLU6InPlace(torch.autograd.Function):
 
 
 class ReLU6InPlace(nn.Module):
-    """ReLU6 that overwrites its input and saves only its output for backward.
+    """ReLU6 that overwrites its input and saves only its output for backward: some of the largest
+    tensors of a training step are then allocated and saved once instead of twice.
 
     `nn.ReLU6(inplace=True)` does not save memory in training: autograd copies the input first,
     because its derivative formula reads the input. The output carries the same information (it is
@@ -74,8 +70,7 @@ class ConvNeXtBlock(nn.Module):
 
     `recompute_gelu` trades time for memory: backward recomputes the GELU's 4x-wide output from its
     input (selective activation checkpointing) instead of keeping both, the largest tensors of a
-    training step. Same gradients, less memory for a little more time (`python -m tools.bench` prints
-    both memory figures).
+    training step; the gradients are the same.
     """
 
     def __init__(
