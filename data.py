@@ -6,9 +6,8 @@ Layout (Kaggle 11-785-f23-hw2p2-classification, and what synthetic_faces.py writ
     DIR/test/*.jpg               unlabelled (flat, or one level of subfolders)
 
 Problems with the data are a DataError: one line naming the path and what was expected.
-Run `python data.py stats DIR/train` to measure the normalisation mean/std of another data set, and
-`python data.py split SRC DIR` to lay out any folder of identity folders (SRC/<person>/*.jpg, LFW's
-images/ say) as above, with DIR/test_labels.csv (id,label) beside test/ for scoring a submission.
+`python data.py stats DIR/train` measures another set's normalisation mean/std; `python data.py split
+SRC DIR` lays out a folder of identity folders (SRC/<person>/*.jpg) as above, with DIR/test_labels.csv.
 """
 
 import csv
@@ -231,19 +230,19 @@ def read_header(data: bytes) -> Image.Image:
             raise UnidentifiedImageError("not an image file PIL can identify") from None
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes to a uint8 RGB CHW tensor, every pixel with its full range.
-
-    JPEGs (RGB, grayscale, CMYK) decode through torchvision.io, faster than PIL and to the same
-    pixels (both are libjpeg-turbo); other formats through PIL: palette, alpha, CMYK, YCbCr, LAB and
-    1-bit images convert to RGB, 16-bit grayscale keeps its top 8 bits (PIL's RGB conversion clips
-    it to white). 32-bit integer and float pixels have no defined range: they raise a ValueError,
-    as does anything else PIL cannot convert. Truncated data raises OSError, never pads with grey.
-    """
+def decode_image(data: bytes, keep_jpeg: bool = False) -> torch.Tensor:
+    """Encoded image bytes to a uint8 RGB CHW tensor, every pixel with its full range. JPEGs decode
+    through torchvision.io (libjpeg-turbo, as PIL, but faster), other formats through PIL; 16-bit
+    grayscale keeps its top 8 bits (PIL's RGB conversion clips it to white), 32-bit integer and float
+    pixels, with no defined range, raise a ValueError. Truncated data raises OSError, never pads with
+    grey. keep_jpeg: an RGB or grayscale JPEG stays encoded, a 1-D uint8 tensor of its bytes."""
     header = read_header(data)
     if header.format == "JPEG":
+        jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if keep_jpeg and header.mode != "CMYK":
+            return jpeg
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return decode_jpeg(jpeg, mode=ImageReadMode.RGB)
         except RuntimeError as error:  # torchvision's message starts with its source file's path
             raise OSError(f"JPEG data is damaged: {str(error).rpartition(', ')[2]}") from error
     with header as image:
@@ -283,7 +282,7 @@ def identity_folders(split_dir: Path) -> list[str]:
     """Sorted identity folder names of a split; hidden folders (.ipynb_checkpoints) are not identities."""
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: directory not found (expected {split_dir}/<identity>/*.jpg)")
-    names = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and entry.name[0] != ".")
+    names = sorted(path.name for path in visible(split_dir) if path.is_dir())
     if not names:
         raise DataError(f"{split_dir}: no identity folders (expected {split_dir}/<identity>/*.jpg)")
     return names
@@ -418,14 +417,10 @@ def collate_same_size(batch):
 
 
 def read_encoded(path) -> torch.Tensor:
-    """For decoding on the device: a JPEG's bytes as a 1-D uint8 tensor, once its header is read
-    (a file that is no JPEG, or over the size limit, fails here); any other image, and a CMYK JPEG
-    (whose colours nvjpeg need not convert as libjpeg does), decoded on the CPU as load_image does."""
-    data = Path(path).read_bytes()
-    header = read_header(data)
-    if header.format == "JPEG" and header.mode != "CMYK":
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return decode_image(data)
+    """For decoding on the device: a JPEG's bytes, once its header is read (a file that is no JPEG, or
+    over the size limit, fails here); any other image, and a CMYK JPEG (whose colours nvjpeg need not
+    convert as libjpeg does), decoded on the CPU as load_image does."""
+    return decode_image(Path(path).read_bytes(), keep_jpeg=True)
 
 
 class EncodedBatch(NamedTuple):
@@ -529,16 +524,16 @@ class FaceDataModule(L.LightningDataModule):
         use_dev = not hp.full or dev_dir.is_dir()
         class_names = train_identities(train_dir, dev_dir if use_dev else None, hp.subset_classes)
         if hp.augment_on_device:
-            encoded = dict(transform=None, loader=read_encoded, with_paths=True)
+            train_args = dict(transform=None, loader=read_encoded, with_paths=True)
         else:
-            encoded = dict(transform=train_transform(self.mean, self.std, self.image_size, hp.auto_augment,
-                                                     hp.random_erasing, self.crop, hp.rotation))
+            train_args = dict(transform=train_transform(self.mean, self.std, self.image_size, hp.auto_augment,
+                                                        hp.random_erasing, self.crop, hp.rotation))
         plain = eval_transform(self.mean, self.std, self.image_size, self.crop)
-        train = FaceFolder(train_dir, class_names, **encoded)
+        train = FaceFolder(train_dir, class_names, **train_args)
         if empty := sorted(set(class_names) - {class_names[target] for target in train.targets}):
             raise DataError(f"{train_dir / empty[0]}: no images (expected some for every identity; {len(empty)} empty)")
         if hp.full:
-            dev = [FaceFolder(dev_dir, class_names, **encoded)] if use_dev else []
+            dev = [FaceFolder(dev_dir, class_names, **train_args)] if use_dev else []
             self.train_dataset = ConcatDataset([train, *dev])
         else:
             self.train_dataset, self.val_dataset = train, FaceFolder(dev_dir, class_names, plain)
@@ -546,8 +541,7 @@ class FaceDataModule(L.LightningDataModule):
         self.class_names = class_names
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """An EncodedBatch is decoded, resized and augmented where the model is; any other batch
-        goes as it is."""
+        """An EncodedBatch is decoded, resized and augmented where the model is; any other goes as it is."""
         if not isinstance(batch, EncodedBatch):
             return batch
         device = self.trainer.strategy.root_device
@@ -556,8 +550,7 @@ class FaceDataModule(L.LightningDataModule):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of the network's input: the resize, or the first train image's
-        size as stored, centre-cropped."""
+        """(channels, height, width) of the network's input: the resize, or the first train image, cropped."""
         if self.image_size:
             return 3, self.image_size, self.image_size
         if self.hparams.augment_on_device:  # the workers' bytes or image, decoded and cropped as a train batch is
@@ -566,17 +559,10 @@ class FaceDataModule(L.LightningDataModule):
         return tuple(self.train_dataset[0][0].shape)  # transformed, cropped included
 
     def _loader(self, dataset, sampler=None, drop_last: bool = False, collate_fn=collate_same_size) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(self.hparams.seed),  # the workers' seeds: not the global RNG's
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_fn,
-            drop_last=drop_last,
-        )
+        workers_seed = torch.Generator().manual_seed(self.hparams.seed)  # not the global random state
+        return DataLoader(dataset, self.hparams.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate_fn, pin_memory=self.pin_memory, drop_last=drop_last,
+                          generator=workers_seed, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         # BatchNorm cannot train on a last batch of one image (one value per channel in the last stage
