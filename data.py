@@ -393,8 +393,9 @@ def find_images(root, names, source) -> list[Path]:
         for name in bare:
             found = by_name.get(name, [])
             if len(found) > 1:
-                raise DataError(f"{source}: {name} is in {len(found)} folders of {root} ({found[0].parent.name}, "
-                                f"{found[1].parent.name}{', ...' if len(found) > 2 else ''}): name it as <folder>/{name}")
+                folders = f"{found[0].parent.name}, {found[1].parent.name}{', ...' if len(found) > 2 else ''}"
+                raise DataError(f"{source}: {name} is in {len(found)} folders of {root} ({folders}): "
+                                f"name it as <folder>/{name}")
             paths[name] = found[0] if found else paths[name]
     if missing := [name for name, path in paths.items() if not path.is_file()]:
         raise DataError(f"{source}: {missing[0]} is not an image in {root} ({len(missing)} of the {len(paths)} names "
@@ -646,7 +647,8 @@ def compute_mean_std(train_dir, image_size: int | None = None, max_images: int |
         if pixels.shape[1] > 1:  # a single pixel has no std
             stds.append(pixels.std(1))
     if len(stds) < count:
-        warnings.warn(f"{train_dir}: {count - len(stds)} images of one pixel left out of the std (a pixel has no spread)")
+        warnings.warn(f"{train_dir}: {count - len(stds)} images of one pixel left out of the std "
+                      "(a pixel has no spread)")
     if not stds:
         raise DataError(f"{train_dir}: every image is a single pixel, so there is no std (expected real images)")
     return tuple((pixel_sum / pixel_count).tolist()), tuple((sum(stds) / len(stds)).tolist())
@@ -676,8 +678,9 @@ def check_split_settings(min_images: int, cap: int | None, dev: float, test: flo
     bad = [n for n in range(low, high + 1) if split_sizes(n, dev, test)[0] < 1]
     if bad:
         flags = "--min-images and --cap" if cap and bad[-1] >= cap else "--min-images"
-        raise UserError(f"an identity of {bad[0]} images would get no train image with --dev {dev} --test {test} (each "
-                        f"takes round(n * fraction), at least 1): use {flags} {bad[-1] + 1} or more, or smaller fractions")
+        raise UserError(f"an identity of {bad[0]} images would get no train image with --dev {dev} --test {test} "
+                        f"(each takes round(n * fraction), at least 1): use {flags} {bad[-1] + 1} or more, "
+                        "or smaller fractions")
 
 
 def plan_split(src, min_images: int = 3, cap: int | None = None, dev: float = 0.2, test: float = 0.2,
@@ -702,11 +705,11 @@ def plan_split(src, min_images: int = 3, cap: int | None = None, dev: float = 0.
             continue
         random.Random(f"{seed} {identity}").shuffle(readable)  # a str seed is hashed by SHA-512: stable everywhere
         readable = readable[:cap]
-        n_train, n_dev, _ = split_sizes(len(readable), dev, test)
-        cuts = {"train": readable[:n_train], "dev": readable[n_train:n_train + n_dev], "test": readable[n_train + n_dev:]}
-        for split, paths in cuts.items():
-            if paths:
-                splits[split][identity] = paths
+        start = 0
+        for split, size in zip(SPLITS, split_sizes(len(readable), dev, test)):
+            if size:
+                splits[split][identity] = readable[start:start + size]
+            start += size
     return splits, unreadable, dropped
 
 
@@ -720,7 +723,8 @@ def flat_test_names(splits: dict) -> dict[Path, str]:
             for identity, paths in splits["test"].items() for path in paths}
     if len(set(test.values())) < len(test):
         first, second = sorted(test, key=test.get)[:2]
-        raise DataError(f"{second}: test name {test[second]} is also {first}'s (expected unique file names: rename one)")
+        raise DataError(f"{second}: test name {test[second]} is also {first}'s "
+                        "(expected unique file names: rename one)")
     return test
 
 
@@ -792,7 +796,8 @@ def parse_args(argv=None):
     split.add_argument("--cap", type=at_least(1), metavar="N",
                        help="at most N images per identity: the first N of its seeded shuffle")
     split.add_argument("--dev", type=at_least(0, float), default=0.2, metavar="F",
-                       help="each identity's share for dev, round(n * F) and at least 1 (0: no dev/; train with --full)")
+                       help="each identity's share for dev, round(n * F) and at least 1 "
+                       "(0: no dev/; train with --full)")
     split.add_argument("--test", type=at_least(0, float), default=0.2, metavar="F",
                        help="the same for test/, whose file names are the submission's ids: when two identities "
                        "hold files of the same name, every test file is named <identity>_<name>")
