@@ -6,9 +6,8 @@ Layout (Kaggle 11-785-f23-hw2p2-classification, and what synthetic_faces.py writ
     DIR/test/*.jpg               unlabelled (flat, or one level of subfolders)
 
 Problems with the data are a DataError: one line naming the path and what was expected.
-Run `python data.py stats DIR/train` to measure the normalisation mean/std of another data set, and
-`python data.py split SRC DIR` to lay out any folder of identity folders (SRC/<person>/*.jpg, LFW's
-images/ say) as above, with DIR/test_labels.csv (id,label) beside test/ for scoring a submission.
+`python data.py stats DIR/train` measures another set's normalisation mean/std; `python data.py split
+SRC DIR` lays out a folder of identity folders (SRC/<person>/*.jpg) as above, with DIR/test_labels.csv.
 """
 
 import csv
@@ -71,22 +70,14 @@ def _resize(image_size: int | None, crop: float = 1.0) -> list:
 AUTO_AUGMENT = {"none": None, "trivial": v2.TrivialAugmentWide, "rand": v2.RandAugment}
 
 
-def train_transform(
-    mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None, auto_augment: str = "none",
-    random_erasing: float = 0.0, crop: float = 1.0, rotation: float = 30,
-) -> v2.Compose:
-    """The original's augmentation of one uint8 image (BatchAugment on a batch of one: the same
-    results as v2's RandomRotation(30), RandomHorizontalFlip and ColorJitter(0.2, 0.2, 0.2, 0.2)
-    on the tensor, cheaper), then normalised float32 CHW. Resize first, so augmentation runs on
-    the small image. Off by default, as in the original: `auto_augment` runs TrivialAugmentWide
-    ("trivial") or RandAugment ("rand") on the uint8 image before that, and `random_erasing` is
-    the chance of blanking a random box to the mean (0 once normalised) after it. `crop` keeps
-    the centre fraction of each side before the resize, as eval_transform does; `rotation` is the
-    largest angle (degrees) of the random rotation, 30 in the original."""
-    auto = [AUTO_AUGMENT[auto_augment]()] if AUTO_AUGMENT[auto_augment] is not None else []
+def train_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None, auto_augment: str = "none",
+                    random_erasing: float = 0.0, crop: float = 1.0, rotation: float = 30) -> v2.Compose:
+    """The original's augmentation (BatchAugment on one image) after the crop and resize, so that it
+    works on the small image. Off by default, as in the original: `auto_augment` before it, on the
+    uint8 image, and `random_erasing`, the chance of blanking a box to the mean (0 once normalised), after it."""
+    auto = [AUTO_AUGMENT[auto_augment]()] if AUTO_AUGMENT[auto_augment] else []
     erasing = [v2.RandomErasing(random_erasing)] if random_erasing > 0 else []
-    augment = PerImage(BatchAugment(mean, std, rotation))
-    return v2.Compose(_resize(image_size, crop) + [v2.ToImage(), *auto, augment, *erasing])
+    return v2.Compose(_resize(image_size, crop) + [v2.ToImage(), *auto, BatchAugment(mean, std, rotation), *erasing])
 
 
 def eval_transform(mean=KAGGLE_MEAN, std=KAGGLE_STD, image_size: int | None = None, crop: float = 1.0) -> v2.Compose:
@@ -136,7 +127,8 @@ def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     rc, gc, bc = (v.unsqueeze(1) - x).div_(spread.clamp_min(1e-9).unsqueeze(1)).unbind(1)
     top = torch.maximum(torch.maximum(images[:, 0], images[:, 1]), images[:, 2])  # compared in uint8: cheaper
     red_top, green_top = top == images[:, 0], top == images[:, 1]
-    h = (bc - gc).mul_(red_top) + (rc + 2.0).sub_(bc).mul_(green_top & ~red_top) + (gc + 4.0).sub_(rc).mul_(~(red_top | green_top))
+    h = (bc - gc).mul_(red_top) + (rc + 2.0).sub_(bc).mul_(green_top & ~red_top)
+    h += (gc + 4.0).sub_(rc).mul_(~(red_top | green_top))
     h = h.mul_(1.0 / 6.0).add_(1.0).fmod_(1.0).add_(factor.view(-1, 1, 1)).remainder_(1.0)
 
     h6 = h.mul_(6)
@@ -159,14 +151,10 @@ def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return torch.stack((red, green, blue), 1)
 
 
-
-
 def rotate_and_flip(images: torch.Tensor, angles: list[float], flip: torch.Tensor) -> torch.Tensor:
-    """v2's rotate of uint8 images about their centres, nearest neighbour, filled with 0, one angle
-    (degrees, counter-clockwise) per image, then a horizontal flip where `flip` is set: the same
-    matrix and sampling grid (v2 multiplies (x, y, 1) by the matrix; with no translation that is
-    the same two products and one sum per coordinate, here done as outer sums), all images at
-    once. A flipped image samples the same grid's columns in reverse, cheaper than torch.flip."""
+    """v2's rotate of uint8 images about their centres (nearest neighbour, filled with 0; one angle in
+    degrees, counter-clockwise, per image), then a horizontal flip where `flip` is set: v2's matrix and
+    sampling grid for all images at once. A flipped image samples the grid's columns in reverse."""
     n, _, height, width = images.shape
     device = images.device
     turns = [math.radians(-(angle % 360)) for angle in angles]
@@ -177,30 +165,23 @@ def rotate_and_flip(images: torch.Tensor, angles: list[float], flip: torch.Tenso
     x = torch.where(flip.to(device, non_blocking=True).view(n, 1, 1), x.flip(-1), x)
     y = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height, device=device).view(1, height, 1)
     grid = torch.stack((x * theta[:, 0] + y * theta[:, 2], x * theta[:, 1] + y * theta[:, 3]), -1)
-    out = torch.nn.functional.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    out = torch.nn.functional.grid_sample(images.float(), grid, mode="nearest", align_corners=False)
     return out.round_().to(torch.uint8)
 
 
 class BatchAugment(torch.nn.Module):
-    """The original's train augmentation for a whole uint8 NCHW batch on its device, each image with
-    its own parameters, then normalised to float32.
-
-    v2 transforms draw one set of parameters per call, so on a batch every image would get the
-    same rotation and jitter. This draws them per image from v2's distributions (sample) and
-    applies v2's formulas (RandomRotation(degrees), RandomHorizontalFlip, then ColorJitter's four
-    adjustments in a random order per image): on the CPU the result equals v2's transforms applied
-    image by image with the same parameters, bit for bit. Parameters are drawn on the CPU, so a
-    GPU batch waits for nothing.
-    """
+    """The original's train augmentation of a uint8 NCHW batch (or one CHW image) on its device, then
+    normalised to float32. v2 transforms draw one set of parameters per call, the same for a whole
+    batch; this draws them per image from v2's distributions and applies v2's formulas
+    (RandomRotation(degrees), RandomHorizontalFlip, ColorJitter's four adjustments in a random order):
+    on the CPU, v2's results image by image, bit for bit. Drawn on the CPU, they keep a GPU from waiting."""
 
     def __init__(self, mean=KAGGLE_MEAN, std=KAGGLE_STD, degrees: float = 30, brightness: float = 0.2,
                  contrast: float = 0.2, saturation: float = 0.2, hue: float = 0.2):
         super().__init__()
         self.degrees = degrees
-        # v2.ColorJitter's ranges; a zero spread leaves the adjustment out, as v2 does
-        self.ranges = [(1 - brightness, 1 + brightness), (1 - contrast, 1 + contrast),
-                       (1 - saturation, 1 + saturation), (-hue, hue)]
-        self.spreads = (brightness, contrast, saturation, hue)
+        self.spreads = (brightness, contrast, saturation, hue)  # 0 leaves the adjustment out, as in v2
+        self.ranges = [(1 - spread, 1 + spread) for spread in self.spreads[:3]] + [(-hue, hue)]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
@@ -212,6 +193,8 @@ class BatchAugment(torch.nn.Module):
                     order=torch.rand(n, 4).argsort(1), factors=factors)
 
     def forward(self, images: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+        if images.ndim == 3:  # one image, in train_transform
+            return self(images.unsqueeze(0), params).squeeze(0)
         params = self.sample(len(images)) if params is None else params
         x = rotate_and_flip(images, params["angle"].tolist(), params["flip"])
         factors = params["factors"].view(-1, 4, 1, 1, 1)
@@ -236,21 +219,9 @@ def _on_some(images: torch.Tensor, chosen: list[int], adjust, factors: torch.Ten
     return images.index_copy(0, on_device, adjust(images.index_select(0, on_device), chosen_factors))
 
 
-class PerImage(torch.nn.Module):
-    """A batch module applied to one CHW image, for a per-image transform pipeline."""
-
-    def __init__(self, batch_module: torch.nn.Module):
-        super().__init__()
-        self.batch_module = batch_module
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.batch_module(image.unsqueeze(0)).squeeze(0)
-
-
 def read_header(data: bytes) -> Image.Image:
     """PIL's lazy open of encoded bytes: format, size and mode, nothing decoded yet. An image over
-    PIL.Image.MAX_IMAGE_PIXELS (a decompression-bomb guard) raises here, where PIL would only warn
-    up to twice that limit and leave the huge decode to the caller."""
+    PIL.Image.MAX_IMAGE_PIXELS raises here, where PIL would only warn up to twice that limit."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -259,19 +230,19 @@ def read_header(data: bytes) -> Image.Image:
             raise UnidentifiedImageError("not an image file PIL can identify") from None
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes to a uint8 RGB CHW tensor, every pixel with its full range.
-
-    JPEGs (RGB, grayscale, CMYK) decode through torchvision.io, faster than PIL and to the same
-    pixels (both are libjpeg-turbo); other formats through PIL: palette, alpha, CMYK, YCbCr, LAB and
-    1-bit images convert to RGB, 16-bit grayscale keeps its top 8 bits (PIL's RGB conversion clips
-    it to white). 32-bit integer and float pixels have no defined range: they raise a ValueError,
-    as does anything else PIL cannot convert. Truncated data raises OSError, never pads with grey.
-    """
+def decode_image(data: bytes, keep_jpeg: bool = False) -> torch.Tensor:
+    """Encoded image bytes to a uint8 RGB CHW tensor, every pixel with its full range. JPEGs decode
+    through torchvision.io (libjpeg-turbo, as PIL, but faster), other formats through PIL; 16-bit
+    grayscale keeps its top 8 bits (PIL's RGB conversion clips it to white), 32-bit integer and float
+    pixels, with no defined range, raise a ValueError. Truncated data raises OSError, never pads with
+    grey. keep_jpeg: an RGB or grayscale JPEG stays encoded, a 1-D uint8 tensor of its bytes."""
     header = read_header(data)
     if header.format == "JPEG":
+        jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if keep_jpeg and header.mode != "CMYK":
+            return jpeg
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return decode_jpeg(jpeg, mode=ImageReadMode.RGB)
         except RuntimeError as error:  # torchvision's message starts with its source file's path
             raise OSError(f"JPEG data is damaged: {str(error).rpartition(', ')[2]}") from error
     with header as image:
@@ -291,26 +262,38 @@ def load_image(path) -> torch.Tensor:
     return decode_image(Path(path).read_bytes())
 
 
+def decode_error(path: Path) -> Exception | None:
+    """What load_image raises for a file, None when it decodes whole."""
+    try:
+        load_image(path)
+    except DECODE_ERRORS as error:
+        return error
+    return None
+
+
+def skip_once(skipped: set[str], path: str, error: Exception) -> None:
+    """Warns about an unreadable train image the first time it fails, and adds it to `skipped`."""
+    if path not in skipped:
+        skipped.add(path)
+        warnings.warn(f"skipping unreadable image {path}: {error}")
+
+
 def identity_folders(split_dir: Path) -> list[str]:
     """Sorted identity folder names of a split; hidden folders (.ipynb_checkpoints) are not identities."""
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: directory not found (expected {split_dir}/<identity>/*.jpg)")
-    names = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and entry.name[0] != ".")
+    names = sorted(path.name for path in visible(split_dir) if path.is_dir())
     if not names:
         raise DataError(f"{split_dir}: no identity folders (expected {split_dir}/<identity>/*.jpg)")
     return names
 
 
 class FaceFolder(ImageFolder):
-    """One labelled split whose class indices come from `classes` (the train identities), not from
-    its own folders: labels are looked up by folder name, so a dev split lacking some identities
-    keeps the train indices, and folders not in `classes` are left out.
-
-    Unreadable images (corrupt, truncated, empty, not an image) are found lazily rather than by a
-    decode pass at start-up, which would cost minutes on the 140k real files: __getitem__ warns
-    once per file, adds it to `skipped` and returns the next readable sample instead, so an epoch
-    never stops on a bad file. With worker processes each worker keeps its own `skipped`.
-    """
+    """One labelled split whose class indices come from `classes` (the train identities), looked up
+    by folder name: a dev split lacking some identities keeps the train indices, and folders not in
+    `classes` are left out. An unreadable image is found when it is read, not by a decode pass at
+    start-up (minutes on the 140k real files): it is warned about once, added to `skipped` (per
+    worker process) and replaced by the next readable sample, so an epoch never stops on a bad file."""
 
     def __init__(self, root, classes: list[str], transform, loader=load_image, with_paths: bool = False):
         self.classes = classes  # read by find_classes, which ImageFolder calls while scanning root
@@ -329,9 +312,7 @@ class FaceFolder(ImageFolder):
             try:
                 image = self.loader(path)
             except DECODE_ERRORS as error:
-                if path not in self.skipped:
-                    self.skipped.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {error}")
+                skip_once(self.skipped, path, error)
                 continue
             image = image if self.transform is None else self.transform(image)
             return (image, target, path) if self.with_paths else (image, target)
@@ -340,16 +321,11 @@ class FaceFolder(ImageFolder):
 
 class TestImages(Dataset):
     """Every image under a test directory (flat, or one level of subfolders), sorted by file name,
-    as (image tensor, file name) pairs: the file name is the submission's `id`.
-
-    Every other entry is left out with one warning that names them and counts them in `ignored`:
-    files of other types (.gif, .txt), broken links, folders deeper down. Hidden files and folders
-    (.ipynb_checkpoints) are not test images, as they are not identities in train. An unreadable
-    image is a DataError naming it, because the submission needs a row for every image. With
-    skip_bad=True every image is decoded up front and the unreadable ones are left out and listed
-    in `skipped`. With `paths` (find_images), those images in that order instead of the folder's:
-    what verify reads of a folder that may hold far more.
-    """
+    as (image tensor, file name) pairs: the file name is the submission's `id`. Other entries (other
+    file types, broken links, deeper folders) are left out with one warning and listed in `ignored`;
+    hidden ones are no test images. An unreadable image is a DataError naming it, as the submission
+    needs a row for each; skip_bad=True decodes every image up front and lists the unreadable ones in
+    `skipped` instead. `paths` (find_images): those images in that order instead of the folder's."""
 
     __test__ = False  # a dataset, not a pytest test class
 
@@ -371,13 +347,10 @@ class TestImages(Dataset):
                 if first.name == second.name:
                     raise DataError(f"{second}: same name as {first} (expected unique file names: they are the ids)")
         self.skipped: list[Path] = []
-        if skip_bad:
-            for path in tqdm(paths, desc=f"checking {root}", unit="img"):
-                try:
-                    load_image(path)
-                except DECODE_ERRORS as error:
-                    warnings.warn(f"leaving out unreadable test image {path}: {error}")
-                    self.skipped.append(path)
+        for path in tqdm(paths, desc=f"checking {root}", unit="img") if skip_bad else []:
+            if error := decode_error(path):
+                warnings.warn(f"leaving out unreadable test image {path}: {error}")
+                self.skipped.append(path)
         self.paths = [path for path in paths if path not in self.skipped]
         self.transform = transform
 
@@ -420,8 +393,9 @@ def find_images(root, names, source) -> list[Path]:
         for name in bare:
             found = by_name.get(name, [])
             if len(found) > 1:
-                raise DataError(f"{source}: {name} is in {len(found)} folders of {root} ({found[0].parent.name}, "
-                                f"{found[1].parent.name}{', ...' if len(found) > 2 else ''}): name it as <folder>/{name}")
+                folders = f"{found[0].parent.name}, {found[1].parent.name}{', ...' if len(found) > 2 else ''}"
+                raise DataError(f"{source}: {name} is in {len(found)} folders of {root} ({folders}): "
+                                f"name it as <folder>/{name}")
             paths[name] = found[0] if found else paths[name]
     if missing := [name for name, path in paths.items() if not path.is_file()]:
         raise DataError(f"{source}: {missing[0]} is not an image in {root} ({len(missing)} of the {len(paths)} names "
@@ -444,21 +418,16 @@ def collate_same_size(batch):
 
 
 def read_encoded(path) -> torch.Tensor:
-    """For decoding on the device: a JPEG's bytes as a 1-D uint8 tensor, once its header is read
-    (a file that is no JPEG, or over the size limit, fails here); any other image, and a CMYK JPEG
-    (whose colours nvjpeg need not convert as libjpeg does), decoded on the CPU as load_image does."""
-    data = Path(path).read_bytes()
-    header = read_header(data)
-    if header.format == "JPEG" and header.mode != "CMYK":
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return decode_image(data)
+    """For decoding on the device: a JPEG's bytes, once its header is read (a file that is no JPEG, or
+    over the size limit, fails here); any other image, and a CMYK JPEG (whose colours nvjpeg need not
+    convert as libjpeg does), decoded on the CPU as load_image does."""
+    return decode_image(Path(path).read_bytes(), keep_jpeg=True)
 
 
 class EncodedBatch(NamedTuple):
-    """A train batch for decoding on the device: JPEG bytes (1-D uint8) or images the workers
-    decoded, their targets, and their paths (to name a file that fails). Its own type, so that the
-    data module's hooks decode these batches and pass every other (dev batches, the model summary's
-    example input) as they are."""
+    """A train batch for decoding on the device: JPEG bytes (1-D uint8) or images the workers decoded,
+    their targets, and their paths (to name a file that fails). A type of its own, so that the data
+    module decodes these and passes every other batch (dev, the model summary's example) as it is."""
 
     images: list[torch.Tensor]
     targets: torch.Tensor
@@ -472,17 +441,16 @@ def collate_encoded(batch) -> EncodedBatch:
 
 def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.device, image_size: int | None,
                  skipped: set[str], crop: float = 1.0) -> tuple[torch.Tensor, list[int]]:
-    """Decodes a batch of JPEG bytes on `device` (torchvision's batched nvjpeg on CUDA), centre-crops
-    and resizes every image as `crop` and image_size ask (as the CPU transforms do), and stacks them
-    into one uint8 batch. When the batched decode fails, each JPEG is decoded alone: those that
-    fail are left out, warned about once and added to `skipped`, as FaceFolder does on the CPU.
-    Returns the batch and the indices kept."""
+    """Decodes a batch of JPEG bytes on `device` (batched nvjpeg on CUDA), crops and resizes it as
+    the CPU transforms do, and stacks it into one uint8 batch. When the batched decode fails, each
+    JPEG is decoded alone, on the CPU where the device refuses it; those that fail are left out, as
+    FaceFolder leaves them (skip_once). Returns the batch and the indices kept."""
     jpegs = [i for i, image in enumerate(images) if image.ndim == 1]
     decoded = {i: image.to(device, non_blocking=True) for i, image in enumerate(images) if image.ndim == 3}
     try:
         if jpegs:  # a batch of PNGs (decoded by the workers) has none: decode_jpeg refuses an empty list
             decoded |= dict(zip(jpegs, decode_jpeg([images[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)))
-    except RuntimeError:  # one at a time: a JPEG the device refuses is decoded on the CPU, as a CPU run would
+    except RuntimeError:
         for i in jpegs:
             try:
                 decoded[i] = decode_jpeg(images[i], mode=ImageReadMode.RGB, device=device)
@@ -490,9 +458,7 @@ def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.dev
                 try:
                     decoded[i] = decode_image(images[i].numpy().tobytes()).to(device, non_blocking=True)
                 except DECODE_ERRORS as error:
-                    if paths[i] not in skipped:
-                        skipped.add(paths[i])
-                        warnings.warn(f"skipping unreadable image {paths[i]}: {error}")
+                    skip_once(skipped, paths[i], error)
     kept = sorted(decoded)
     if not kept:
         raise DataError(f"{paths[0]}: none of the {len(paths)} images of a batch can be read (expected JPEG/PNG)")
@@ -503,40 +469,35 @@ def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.dev
     return collate_same_size([(image, 0) for image in batch])[0], kept
 
 
+def train_identities(train_dir: Path, dev_dir: Path | None, subset_classes: int | None) -> list[str]:
+    """The identities to tell apart: train's, or its first subset_classes; each of dev's must be one of train's."""
+    identities = identity_folders(train_dir)
+    if dev_dir is not None and (unknown := sorted(set(identity_folders(dev_dir)) - set(identities))):
+        raise DataError(f"{dev_dir / unknown[0]}: identity not in {train_dir} (expected train identities)")
+    if subset_classes is not None and not 1 <= subset_classes <= len(identities):
+        expected = f"subset_classes from 1 to {len(identities)}, not {subset_classes}"
+        raise DataError(f"{train_dir}: has {len(identities)} identities (expected {expected})")
+    if len(identities[:subset_classes]) < 2:
+        raise DataError(f"{train_dir}: one identity, {identities[0]} (expected at least 2 to tell apart)")
+    return identities[:subset_classes]
+
+
 class FaceDataModule(L.LightningDataModule):
     """The train/dev/test splits of DIR as DataLoaders; see the module docstring for the layout.
 
     full: train on train + dev (dev when it exists; the seed's final run) with no validation.
-    subset_classes=N: keep only the first N identities (sorted), with all their images, in both
-    train and dev, for prototyping. num_workers=None: min(8, CPUs); pin_memory=None: with CUDA.
-    augment_on_device: workers only read the train JPEGs' bytes (other formats they decode); the
-    batch is decoded, resized and augmented (BatchAugment) where the model is, so a few CPU
-    workers can keep a GPU fed. Files that fail there are left out of their batch and listed in
-    `skipped`.
-    auto_augment, random_erasing: added to the CPU train transform (see train_transform), so not
-    with augment_on_device (config.py refuses the two together). crop: the centre fraction of
-    each side kept before resizing, in training and evaluation alike. rotation: the train
-    augmentation's largest angle, in degrees.
+    subset_classes=N: the first N identities (sorted), with all their images, for prototyping.
+    num_workers=None: min(8, CPUs); pin_memory=None: with CUDA. augment_on_device: the workers only
+    read the train JPEGs' bytes; each batch is decoded, resized and augmented (BatchAugment) where the
+    model is, so a few CPU workers keep a GPU fed; files that fail there are listed in `skipped`.
+    auto_augment, random_erasing: see train_transform (the CPU's, so not with augment_on_device).
     """
 
-    def __init__(
-        self,
-        data_dir="data",
-        batch_size: int = 256,
-        num_workers: int | None = None,
-        image_size: int | None = None,
-        subset_classes: int | None = None,
-        full: bool = False,
-        mean=KAGGLE_MEAN,
-        std=KAGGLE_STD,
-        pin_memory: bool | None = None,
-        augment_on_device: bool = False,
-        seed: int = 0,
-        auto_augment: str = "none",
-        random_erasing: float = 0.0,
-        crop: float = 1.0,
-        rotation: float = 30,
-    ):
+    def __init__(self, data_dir="data", batch_size: int = 256, num_workers: int | None = None,
+                 image_size: int | None = None, subset_classes: int | None = None, full: bool = False,
+                 mean=KAGGLE_MEAN, std=KAGGLE_STD, pin_memory: bool | None = None, augment_on_device: bool = False,
+                 seed: int = 0, auto_augment: str = "none", random_erasing: float = 0.0, crop: float = 1.0,
+                 rotation: float = 30):
         super().__init__()
         data_dir = str(data_dir)  # saved as text: a Path would stop torch.load(weights_only=True) resuming
         # the input's size and normalisation are the model's, saved with it (predict.py reads them there)
@@ -561,42 +522,27 @@ class FaceDataModule(L.LightningDataModule):
         if not root.is_dir():
             raise DataError(f"{root}: data directory not found (expected {root}/train and {root}/dev)")
         train_dir, dev_dir, test_dir = root / "train", root / "dev", root / "test"
-        identities = identity_folders(train_dir)
         use_dev = not hp.full or dev_dir.is_dir()
-        if use_dev:
-            unknown = sorted(set(identity_folders(dev_dir)) - set(identities))
-            if unknown:
-                raise DataError(f"{dev_dir / unknown[0]}: identity not in {train_dir} (expected train identities)")
-        if hp.subset_classes is not None and not 1 <= hp.subset_classes <= len(identities):
-            expected = f"subset_classes from 1 to {len(identities)}, not {hp.subset_classes}"
-            raise DataError(f"{train_dir}: has {len(identities)} identities (expected {expected})")
-        class_names = identities[: hp.subset_classes]
-        if len(class_names) < 2:
-            raise DataError(f"{train_dir}: one identity, {class_names[0]} (expected at least 2 to tell apart)")
-
+        class_names = train_identities(train_dir, dev_dir if use_dev else None, hp.subset_classes)
         if hp.augment_on_device:
-            encoded = dict(transform=None, loader=read_encoded, with_paths=True)
+            train_args = dict(transform=None, loader=read_encoded, with_paths=True)
         else:
-            encoded = dict(transform=train_transform(self.mean, self.std, self.image_size, hp.auto_augment,
-                                                     hp.random_erasing, self.crop, hp.rotation))
+            train_args = dict(transform=train_transform(self.mean, self.std, self.image_size, hp.auto_augment,
+                                                        hp.random_erasing, self.crop, hp.rotation))
         plain = eval_transform(self.mean, self.std, self.image_size, self.crop)
-        train = FaceFolder(train_dir, class_names, **encoded)
-        empty = sorted(set(class_names) - {class_names[target] for target in train.targets})
-        if empty:
+        train = FaceFolder(train_dir, class_names, **train_args)
+        if empty := sorted(set(class_names) - {class_names[target] for target in train.targets}):
             raise DataError(f"{train_dir / empty[0]}: no images (expected some for every identity; {len(empty)} empty)")
         if hp.full:
-            dev = [FaceFolder(dev_dir, class_names, **encoded)] if use_dev else []
+            dev = [FaceFolder(dev_dir, class_names, **train_args)] if use_dev else []
             self.train_dataset = ConcatDataset([train, *dev])
-            self.val_dataset = None
         else:
-            self.train_dataset = train
-            self.val_dataset = FaceFolder(dev_dir, class_names, plain)
+            self.train_dataset, self.val_dataset = train, FaceFolder(dev_dir, class_names, plain)
         self.test_dataset = TestImages(test_dir, plain) if test_dir.is_dir() else None
         self.class_names = class_names
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """An EncodedBatch is decoded, resized and augmented where the model is; any other batch
-        goes as it is."""
+        """An EncodedBatch is decoded, resized and augmented where the model is; any other goes as it is."""
         if not isinstance(batch, EncodedBatch):
             return batch
         device = self.trainer.strategy.root_device
@@ -605,8 +551,7 @@ class FaceDataModule(L.LightningDataModule):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of the network's input: the resize, or the first train image's
-        size as stored, centre-cropped."""
+        """(channels, height, width) of the network's input: the resize, or the first train image, cropped."""
         if self.image_size:
             return 3, self.image_size, self.image_size
         if self.hparams.augment_on_device:  # the workers' bytes or image, decoded and cropped as a train batch is
@@ -615,23 +560,15 @@ class FaceDataModule(L.LightningDataModule):
         return tuple(self.train_dataset[0][0].shape)  # transformed, cropped included
 
     def _loader(self, dataset, sampler=None, drop_last: bool = False, collate_fn=collate_same_size) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(self.hparams.seed),  # the workers' seeds: not the global RNG's
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_fn,
-            drop_last=drop_last,
-        )
+        workers_seed = torch.Generator().manual_seed(self.hparams.seed)  # not the global random state
+        return DataLoader(dataset, self.hparams.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate_fn, pin_memory=self.pin_memory, drop_last=drop_last,
+                          generator=workers_seed, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        # A last batch of one image would stop training: BatchNorm cannot train on one value per
-        # channel, which is all the last stage holds at 32-63 px. So when a device's share is one
-        # past a multiple of the batch size, each epoch leaves out one image (shuffled: a different
-        # one each epoch); otherwise every image is used.
+        # BatchNorm cannot train on a last batch of one image (one value per channel in the last stage
+        # at 32-63 px): when a device's share is one past a multiple of the batch size, each epoch leaves
+        # out one (shuffled) image
         world = self.trainer.world_size if self.trainer is not None else 1
         per_device = -(-len(self.train_dataset) // world)  # DistributedSampler pads to equal shares
         collate = collate_encoded if self.hparams.augment_on_device else collate_same_size
@@ -655,10 +592,10 @@ def seed_of(seed: int, key: int) -> int:
 
 
 class EpochShuffle(torch.utils.data.Sampler):
-    """A random order of the dataset's images that depends on the run's seed and the epoch alone, not
-    on how the run got there, so a run resumed from a checkpoint sees each epoch's images in the
-    order an uninterrupted run does. Lightning calls set_epoch before each epoch (through its
-    DistributedSampler wrapper under DDP). It hands out keys for EpochSeeded: epoch * size + index."""
+    """A random order of the dataset's images that depends on the run's seed and the epoch alone, so a
+    resumed run sees each epoch's images in the order an uninterrupted one does. Lightning calls
+    set_epoch before each epoch (under DDP through its DistributedSampler wrapper). It hands out keys
+    for EpochSeeded: epoch * size + index."""
 
     def __init__(self, size: int, seed: int = 0):
         self.size, self.seed, self.epoch = size, seed, 0
@@ -693,11 +630,8 @@ class EpochSeeded(Dataset):
 
 def compute_mean_std(train_dir, image_size: int | None = None, max_images: int | None = None, num_workers: int = 0):
     """Per-channel pixel mean over the images, and std as the seed defined it: the mean over images
-    of each image's per-channel pixel std (torch's default, unbiased). Returns (mean, std) tuples.
-
-    max_images takes that many images evenly spaced through the sorted files, so all identities
-    are sampled rather than the first few.
-    """
+    of each image's per-channel pixel std (unbiased), as (mean, std) tuples. max_images: that many
+    images evenly spaced through the sorted files, so that every identity is sampled."""
     train_dir = Path(train_dir)
     unnormalised = eval_transform(mean=(0, 0, 0), std=(1, 1, 1), image_size=image_size)
     images = FaceFolder(train_dir, identity_folders(train_dir), unnormalised)
@@ -705,31 +639,29 @@ def compute_mean_std(train_dir, image_size: int | None = None, max_images: int |
     indices = torch.linspace(0, len(images) - 1, count).long().tolist()
     # One image at a time (batch_size=None): without image_size their sizes may differ.
     loader = DataLoader(Subset(images, indices), batch_size=None, num_workers=num_workers)
-    pixel_sum, std_sum, pixel_count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
-    spread = 0  # images of more than one pixel: a single pixel has no std
+    pixel_sum, pixel_count, stds = torch.zeros(3, dtype=torch.float64), 0, []
     for image, _ in tqdm(loader, desc=f"mean/std of {train_dir}", unit="img"):
         pixels = image.flatten(1).double()
         pixel_sum += pixels.sum(1)
         pixel_count += pixels.shape[1]
-        if pixels.shape[1] > 1:
-            std_sum += pixels.std(1)
-            spread += 1
-    if spread < count:
-        warnings.warn(f"{train_dir}: {count - spread} images of one pixel left out of the std (a pixel has no spread)")
-    if not spread:
+        if pixels.shape[1] > 1:  # a single pixel has no std
+            stds.append(pixels.std(1))
+    if len(stds) < count:
+        warnings.warn(f"{train_dir}: {count - len(stds)} images of one pixel left out of the std "
+                      "(a pixel has no spread)")
+    if not stds:
         raise DataError(f"{train_dir}: every image is a single pixel, so there is no std (expected real images)")
-    return tuple((pixel_sum / pixel_count).tolist()), tuple((std_sum / spread).tolist())
+    return tuple((pixel_sum / pixel_count).tolist()), tuple((sum(stds) / len(stds)).tolist())
 
 
 SPLITS = ("train", "dev", "test")
 
 
 def split_sizes(n: int, dev: float, test: float) -> tuple[int, int, int]:
-    """(train, dev, test) image counts of an identity with n images. Dev and test each take
-    round(n * fraction), at least 1 when the fraction is above 0, and train the rest. Rounding
-    each fraction on its own is what gives the issue's LFW table (--min-images 10 --cap 60 --dev
-    0.2 --test 0.2: 2,080 train images of 158 people); flooring gives 2,184, ceiling 1,956, and
-    rounding the cumulative 40% (dev + test together) 2,074."""
+    """(train, dev, test) image counts of an identity with n images: dev and test each take
+    round(n * fraction), at least 1 when the fraction is above 0, and train the rest. Rounding each
+    fraction on its own gives the README's LFW split (2,080 train images); flooring, ceiling or
+    rounding dev + test together do not."""
     n_dev = max(1, round(n * dev)) if dev > 0 else 0
     n_test = max(1, round(n * test)) if test > 0 else 0
     return n - n_dev - n_test, n_dev, n_test
@@ -746,44 +678,38 @@ def check_split_settings(min_images: int, cap: int | None, dev: float, test: flo
     bad = [n for n in range(low, high + 1) if split_sizes(n, dev, test)[0] < 1]
     if bad:
         flags = "--min-images and --cap" if cap and bad[-1] >= cap else "--min-images"
-        raise UserError(f"an identity of {bad[0]} images would get no train image with --dev {dev} --test {test} (each "
-                        f"takes round(n * fraction), at least 1): use {flags} {bad[-1] + 1} or more, or smaller fractions")
+        raise UserError(f"an identity of {bad[0]} images would get no train image with --dev {dev} --test {test} "
+                        f"(each takes round(n * fraction), at least 1): use {flags} {bad[-1] + 1} or more, "
+                        "or smaller fractions")
 
 
 def plan_split(src, min_images: int = 3, cap: int | None = None, dev: float = 0.2, test: float = 0.2,
                seed: int = 0) -> tuple[dict, list, int]:
     """Which images of src/<identity>/ go to which split, writing nothing: ({split: {identity:
-    [paths]}}, the unreadable files as (path, error), the identities left out for having fewer
-    than min_images readable images).
-
-    Each identity's image files (by extension; hidden ones left out) are decoded in full, so a
-    truncated file is found here and not in the middle of training; an identity with too few files
-    to be kept is not read at all. Its readable images, sorted by name, are shuffled by a generator
-    seeded with (seed, identity), so the split depends on neither the listing order of the file
-    system nor on the other identities; the first `cap` are kept and cut by split_sizes: train
-    first, then dev, then test."""
+    [paths]}}, the unreadable files as (path, error), the number of identities left out for having
+    fewer than min_images readable images). Each image file is decoded in full (a truncated one is
+    found here, not in training), unless its identity has too few files to be kept. An identity's
+    readable images, sorted by name, are shuffled by a generator seeded with (seed, identity), so
+    neither the file system's order nor the other identities change its split; the first `cap` are
+    cut by split_sizes."""
     src = Path(src)
     splits, unreadable, dropped = {split: {} for split in SPLITS}, [], 0
     for identity in tqdm(identity_folders(src), desc=f"reading {src}", unit="identity", disable=None):
         files = sorted(path for path in visible(src / identity)
                        if path.is_file() and has_file_allowed_extension(path.name, IMG_EXTENSIONS))
-        readable = []
-        for path in files if len(files) >= min_images else []:
-            try:
-                load_image(path)
-                readable.append(path)
-            except DECODE_ERRORS as error:
-                unreadable.append((path, error))
+        errors = {path: decode_error(path) for path in files} if len(files) >= min_images else {}
+        unreadable += [(path, error) for path, error in errors.items() if error]
+        readable = [path for path, error in errors.items() if not error]
         if len(readable) < min_images:
             dropped += 1
             continue
         random.Random(f"{seed} {identity}").shuffle(readable)  # a str seed is hashed by SHA-512: stable everywhere
         readable = readable[:cap]
-        n_train, n_dev, _ = split_sizes(len(readable), dev, test)
-        cuts = {"train": readable[:n_train], "dev": readable[n_train:n_train + n_dev], "test": readable[n_train + n_dev:]}
-        for split, paths in cuts.items():
-            if paths:
-                splits[split][identity] = paths
+        start = 0
+        for split, size in zip(SPLITS, split_sizes(len(readable), dev, test)):
+            if size:
+                splits[split][identity] = readable[start:start + size]
+            start += size
     return splits, unreadable, dropped
 
 
@@ -797,16 +723,15 @@ def flat_test_names(splits: dict) -> dict[Path, str]:
             for identity, paths in splits["test"].items() for path in paths}
     if len(set(test.values())) < len(test):
         first, second = sorted(test, key=test.get)[:2]
-        raise DataError(f"{second}: test name {test[second]} is also {first}'s (expected unique file names: rename one)")
+        raise DataError(f"{second}: test name {test[second]} is also {first}'s "
+                        "(expected unique file names: rename one)")
     return test
 
 
 def split_identities(src, out, min_images: int = 3, cap: int | None = None, dev: float = 0.2, test: float = 0.2,
                      seed: int = 0, link: bool = False) -> dict:
-    """Writes plan_split's split of src into out: out/train/<identity>/, out/dev/<identity>/, a flat
-    out/test/ and out/test_labels.csv (id,label, as synthetic_faces.py writes it), copies or with
-    link=True symlinks. out must be new or empty: the set is written into a hidden sibling and
-    renamed into place, so an interrupted split leaves nothing behind. Returns the counts."""
+    """Writes plan_split's split of src into out (see write_split), which must be new or empty.
+    Returns the counts."""
     src, out = Path(src), Path(out)
     check_split_settings(min_images, cap, dev, test)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -820,33 +745,37 @@ def split_identities(src, out, min_images: int = 3, cap: int | None = None, dev:
                       f"{'; ...' if len(unreadable) > 3 else ''}")
     if not splits["train"]:
         raise DataError(f"{src}: no identity has {min_images} readable images (expected some, or a lower --min-images)")
-    names = flat_test_names(splits)
+    write_split(splits, flat_test_names(splits), out, link)
+    counts = {split: sum(map(len, splits[split].values())) for split in SPLITS}
+    return dict(identities=len(splits["train"]), **counts, dropped=dropped, unreadable=len(unreadable))
+
+
+def write_split(splits: dict, test_names: dict[Path, str], out: Path, link: bool) -> None:
+    """out/train/<identity>/, out/dev/<identity>/, a flat out/test/ and out/test_labels.csv (id,label,
+    as synthetic_faces.py writes it), copies or with link=True symlinks, written into a hidden sibling
+    and renamed into place: an interrupted split leaves nothing behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         partial.chmod(0o755)  # mkdtemp's folder is the owner's alone
         place = (lambda source, target: target.symlink_to(source.resolve())) if link else shutil.copyfile
         for identity in tqdm(splits["train"], desc=f"writing {out}", unit="identity", disable=None):
-            for split in ("train", "dev"):
+            for split in SPLITS:
                 for path in splits[split].get(identity, []):
-                    (partial / split / identity).mkdir(parents=True, exist_ok=True)
-                    place(path, partial / split / identity / path.name)
-            for path in splits["test"].get(identity, []):
-                (partial / "test").mkdir(exist_ok=True)
-                place(path, partial / "test" / names[path])
-        if names:
-            rows = sorted((name, path.parent.name) for path, name in names.items())
+                    target = partial / split / (test_names[path] if split == "test" else f"{identity}/{path.name}")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    place(path, target)
+        if test_names:
+            rows = sorted((name, path.parent.name) for path, name in test_names.items())
             with open(partial / "test_labels.csv", "w", newline="") as f:
                 csv.writer(f).writerows([("id", "label"), *rows])
         partial.rename(out)  # replaces an empty folder, never a non-empty one
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # removes links, never what they point to
         raise
-    counts = {split: sum(map(len, splits[split].values())) for split in SPLITS}
-    return dict(identities=len(splits["train"]), **counts, dropped=dropped, unreadable=len(unreadable))
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     stats = commands.add_parser("stats", help="mean/std of a train split, for --mean/--std")
@@ -867,7 +796,8 @@ def main(argv=None) -> int:
     split.add_argument("--cap", type=at_least(1), metavar="N",
                        help="at most N images per identity: the first N of its seeded shuffle")
     split.add_argument("--dev", type=at_least(0, float), default=0.2, metavar="F",
-                       help="each identity's share for dev, round(n * F) and at least 1 (0: no dev/; train with --full)")
+                       help="each identity's share for dev, round(n * F) and at least 1 "
+                       "(0: no dev/; train with --full)")
     split.add_argument("--test", type=at_least(0, float), default=0.2, metavar="F",
                        help="the same for test/, whose file names are the submission's ids: when two identities "
                        "hold files of the same name, every test file is named <identity>_<name>")
@@ -877,7 +807,11 @@ def main(argv=None) -> int:
     split.add_argument("--link", action="store_true",
                        help="symlink the images instead of copying them: no extra disk, but OUT then needs SRC "
                        "where it is (symlinks, not hard links: they cross file systems and show their source)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.command == "split":
         counts = split_identities(args.src, args.out, args.min_images, args.cap, args.dev, args.test, args.seed,
                                   args.link)

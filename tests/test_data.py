@@ -29,7 +29,6 @@ from data import (
     EncodedBatch,
     EpochShuffle,
     FaceDataModule,
-    PerImage,
     TestImages,
     adjust_brightness,
     adjust_contrast,
@@ -185,7 +184,7 @@ def test_centre_crop_keeps_the_middle_before_resizing_in_train_and_eval():
 
 def test_rotation_is_the_largest_angle_of_the_train_augmentation(data_dir):
     module = datamodule(data_dir, rotation=10)
-    (augment,) = [step.batch_module for step in module.train_dataset.transform.transforms if isinstance(step, PerImage)]
+    (augment,) = [step for step in module.train_dataset.transform.transforms if isinstance(step, BatchAugment)]
     assert augment.degrees == 10 and augment.sample(1000)["angle"].abs().max() <= 10
     assert datamodule(data_dir, rotation=10, augment_on_device=True).batch_augment.degrees == 10
 
