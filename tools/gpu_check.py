@@ -4,14 +4,12 @@
     make gpu-check-dry                # python -m tools.gpu_check --dry: the same steps, tiny, on the CPU
 
 The steps: the tests marked `cuda`; tools/bench.py; a synthetic face set generated on the machine; then
-run_training.py once for each row of RUNS, reporting from the run's metrics.csv images/s over whole
-epochs (data loading included), the data workers and torch.cuda.max_memory_allocated. A GPU is lent
-for minutes, so each step is a subprocess with its own time limit under one budget for the whole
-check: a step that fails or runs out of time goes into the report with the tail of its output, and
-the check goes on to the next. The report is printed, and rewritten after every step
-(docs/gpu-check.md), so a check stopped from outside keeps what it finished. It installs nothing
-and needs no venv: torch, torchvision, lightning, torchmetrics, matplotlib and pytest as the
-machine has them.
+run_training.py once for each row of RUNS, reported from the run's metrics.csv. A GPU is lent for
+minutes, so each step is a subprocess with its own time limit under one budget for the whole check:
+a step that fails or runs out of time goes into the report with the tail of its output, and the check
+goes on. The report is rewritten after every step, so a check stopped from outside keeps what it
+finished. It installs nothing and needs no venv: the machine's torch, torchvision, lightning,
+torchmetrics, matplotlib and pytest.
 """
 
 import argparse
@@ -23,13 +21,13 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 import config
-from cli import ArgumentParser
+from cli import ArgumentParser, atomic_write
 from training import epoch_metrics
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: where every step runs
@@ -48,14 +46,15 @@ RUNS = {
 # meets one batch shape in training and one in validation.
 SETTINGS = {
     "gpu": dict(
-        pytest=["-m", "cuda"], pytest_s=100,
-        bench=["--device", "cuda", "--batch-size", "128", "--repeats", "5", "--warmup", "2", "--no-compile"], bench_s=100,
+        pytest_s=100,
+        bench=["--device", "cuda", "--batch-size", "128", "--repeats", "5", "--warmup", "2", "--no-compile"],
+        bench_s=100,
         faces=dict(identities=128, train_per_identity=100, dev_per_identity=2, image_size=224), faces_s=60,
         train=["--batch-size", "256", "--epochs", "3"], run_s=75, compiled_run_s=150,
         budget_s=390,
     ),
     "dry": dict(
-        pytest=["-m", "cuda"], pytest_s=60,
+        pytest_s=60,
         bench=["--device", "cpu", "--quick"], bench_s=90,
         faces=dict(identities=4, train_per_identity=8, dev_per_identity=1, image_size=32), faces_s=60,
         train=["--batch-size", "8", "--epochs", "2", "--accelerator", "cpu", "--num-workers", "1",
@@ -84,16 +83,16 @@ class Check:
         if left < 10:
             self.record(name, "not run: the check's time budget was spent", 0.0, "")
             return "not run", ""
-        log_path = self.work / "logs" / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".log")
+        log_path = self.work / "logs" / f"{slug(name)}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         limit = min(limit_s, left)
         log(f"[{self.elapsed():.0f} s] {name}: {' '.join(argv)} (limit {limit:.0f} s)")
         started = time.monotonic()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
         with open(log_path, "w") as out:
             # a session of its own, so that a step out of time goes with its data workers and compilers
             process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                       stdin=subprocess.DEVNULL, start_new_session=True,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"})
             try:
                 code = process.wait(timeout=limit)
                 status = "ok" if code == 0 else f"failed (exit status {code})"
@@ -117,35 +116,33 @@ class Check:
     def markdown(self) -> str:
         steps = ["| step | status | seconds |", "|---|---|---:|"]
         steps += [f"| {name} | {status} | {seconds:.0f} |" for name, status, seconds in self.steps]
-        parts = [self.header, f"Whole check: {self.elapsed():.0f} s.\n", "## Steps\n", "\n".join(steps) + "\n",
-                 *self.sections]
+        parts = [self.header, f"Whole check: {self.elapsed():.0f} s.\n", "## Steps\n",
+                 "\n".join(steps) + "\n", *self.sections]
         if self.failures:
             parts += ["## What failed (the end of each output)\n", *self.failures]
         return "\n".join(parts)
 
     def write(self) -> None:
-        self.report.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.report.with_name(self.report.name + ".partial")
-        partial.write_text(self.markdown())
-        partial.replace(self.report)
+        with atomic_write(self.report) as f:
+            f.write(self.markdown())
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
 def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the step's whole process group, then SIGKILL to what is left of it."""
-    for signum, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, signum)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM to the step's whole process group, then SIGKILL to what is left of it after 10 s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def tail(output: str, lines: int = 40) -> str:
@@ -155,23 +152,17 @@ def tail(output: str, lines: int = 40) -> str:
 
 
 def environment(dry: bool) -> str:
-    def installed(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
+    device = "no GPU"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         device = (f"{torch.cuda.device_count()} x {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA "
                   f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
-    else:
-        device = "no GPU"
     title = "# GPU check (dry run on the CPU: tiny sizes, figures mean nothing)" if dry else "# GPU check"
     return (f"{title}\n\n`{' '.join(['python', *sys.argv])}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-            f"- device: {device}\n- CPU: {os.cpu_count()} cores, {platform.machine()}, python {platform.python_version()}\n"
-            f"- torch {torch.__version__}, torchvision {installed('torchvision')}, lightning {installed('lightning')}, "
-            f"torchmetrics {installed('torchmetrics')}\n")
+            f"- device: {device}\n"
+            f"- CPU: {os.cpu_count()} cores, {platform.machine()}, python {platform.python_version()}\n"
+            f"- torch {torch.__version__}, torchvision {version('torchvision')}, lightning {version('lightning')}, "
+            f"torchmetrics {version('torchmetrics')}\n")
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +170,7 @@ def environment(dry: bool) -> str:
 
 def cuda_tests(check: Check) -> None:
     # without the repository's addopts: a GPU machine has no nbmake
-    argv = ["-m", "pytest", "-o", "addopts=", *check.settings["pytest"], "-q", "-rfEs", "-p", "no:cacheprovider", "tests"]
+    argv = ["-m", "pytest", "-o", "addopts=", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider", "tests"]
     status, output = check.run("pytest -m cuda", argv, check.settings["pytest_s"])
     summary = [row for row in output.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", row)]
     outcome = summary[-1].strip("= ") if summary else status
@@ -196,9 +187,8 @@ def bench(check: Check) -> None:
 
 def synthetic_faces(check: Check) -> Path | None:
     data = check.work / "faces"
-    faces = check.settings["faces"]
     argv = ["synthetic_faces.py", "--out", str(data), "--test-per-identity", "0",
-            *[f"--{k.replace('_', '-')}={v}" for k, v in faces.items()]]
+            *[f"--{k.replace('_', '-')}={v}" for k, v in check.settings["faces"].items()]]
     status, _ = check.run("synthetic faces", argv, check.settings["faces_s"])
     return data if status == "ok" else None
 
@@ -206,66 +196,62 @@ def synthetic_faces(check: Check) -> Path | None:
 def training_runs(check: Check, data: Path | None) -> None:
     rows = []
     for name, flags in RUNS.items():
-        if check.dry and "--compile" in flags:  # inductor would compile for minutes on a small CPU
-            flags = [flag for flag in flags if flag != "--compile"]
-            name += " (dry: without --compile)"
         if check.dry:
-            flags = as_on_a_gpu(flags)
+            name, flags = rehearsal(name, flags)
         if data is None:
             check.record(f"train: {name}", "not run: no data set", 0.0, "")
             continue
-        out = check.work / "runs" / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+        out = check.work / "runs" / slug(name)
         argv = ["run_training.py", "--data-dir", str(data), "--out", str(out), "--overwrite", "--wandb", "off",
                 "--warmup-epochs", "1", *check.settings["train"], *flags]
         limit = check.settings["compiled_run_s" if "--compile" in flags else "run_s"]
         status, _ = check.run(f"train: {name}", argv, limit)
         rows.append(run_row(name, flags, status, out / "metrics.csv"))
-    headline = check.settings["train"]
     faces = check.settings["faces"]
-    check.sections.append(
-        f"## End-to-end training\n\nrun_training.py on {faces['identities'] * faces['train_per_identity']:,} synthetic "
-        f"{faces['image_size']} px faces ({faces['identities']} identities), `{' '.join(headline)}`, its default "
-        "precision (16-mixed on a GPU), data path (`--augment-on-device auto`: decoded and augmented on a GPU) and data "
-        "workers. img/s and FLOP/s over whole epochs (train_img_per_s and "
-        "train_flop_per_s of metrics.csv, data loading included, validation not); the first epoch holds the warm-up "
-        "(cuDNN's kernel search, torch.compile).\n\n"
+    check.sections += [
+        f"## End-to-end training\n\nrun_training.py on {faces['identities'] * faces['train_per_identity']:,} "
+        f"synthetic {faces['image_size']} px faces ({faces['identities']} identities), "
+        f"`{' '.join(check.settings['train'])}`, its default precision (16-mixed on a GPU), data path "
+        "(`--augment-on-device auto`: decoded and augmented on a GPU) and data workers. img/s and FLOP/s over whole "
+        "epochs (train_img_per_s and train_flop_per_s of metrics.csv, data loading included, validation not); the "
+        "first epoch holds the warm-up (cuDNN's kernel search, torch.compile).\n\n"
         "| run | flags | data workers | img/s, first epoch | img/s, later epochs | TFLOP/s, later epochs "
-        "| peak memory GB | status |\n|---|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(row["line"] for row in rows) + "\n")
-    check.sections.append(goals(rows))
+        "| peak memory GB | status |\n|---|---|---:|---:|---:|---:|---:|---|\n"
+        + "\n".join(row["line"] for row in rows) + "\n",
+        goals(rows)]
 
 
-def as_on_a_gpu(flags: list[str]) -> list[str]:
-    """A row's flags with the data path that `--augment-on-device auto` takes on a GPU made explicit,
-    so that the dry run on the CPU rehearses the path of the real check, not the CPU's."""
+def rehearsal(name: str, flags: list[str]) -> tuple[str, list[str]]:
+    """A row's name and flags for the dry run: without --compile (inductor would compile for minutes on a
+    small CPU), and with the data path that `--augment-on-device auto` takes on a GPU made explicit, so that
+    the CPU rehearses the path of the real check, not the CPU's."""
+    if "--compile" in flags:
+        name, flags = f"{name} (dry: without --compile)", [flag for flag in flags if flag != "--compile"]
     _, _, on = config.parse_args(["--accelerator", "cuda", *flags]).hardware()
-    return [*flags, "--augment-on-device", "on" if on else "off"]
+    return name, [*flags, "--augment-on-device", "on" if on else "off"]
 
 
 def run_row(name: str, flags: list[str], status: str, metrics_csv: Path) -> dict:
-    """One row of the end-to-end table, from the run's metrics.csv."""
-    row = dict(name=name, flags=flags, later=None, memory=None)
-    first = later = flops = workers = "-"
-    if metrics_csv.is_file():
-        series = epoch_metrics(metrics_csv)
-        if series.get("data_workers"):
-            workers = f"{series['data_workers'][-1][1]:.0f}"
-        if series.get("peak_gpu_memory"):  # the peak over the whole run: its last epoch's
-            row["memory"] = series["peak_gpu_memory"][-1][1]
-        images, rates = dict(series.get("train_images", [])), dict(series.get("train_img_per_s", []))
-        flop_rates = dict(series.get("train_flop_per_s", []))
-        if 0 in rates:
-            first = f"{rates[0]:,.0f}"
-        steady = [epoch for epoch in rates if epoch > 0 and epoch in images]
-        if steady:  # all images over all seconds of the epochs after the first
-            seconds = sum(images[epoch] / rates[epoch] for epoch in steady)
-            row["later"] = sum(images[epoch] for epoch in steady) / seconds
-            later = f"{row['later']:,.0f}"
-            if all(epoch in flop_rates for epoch in steady):
-                flops = f"{sum(images[e] / rates[e] * flop_rates[e] for e in steady) / seconds / 1e12:.1f}"
-    cells = [name, f"`{' '.join(flags)}`" if flags else "(defaults)", workers, first,
-             later, flops, f"{row['memory'] / 1e9:.2f}" if row["memory"] else "-", status]
-    row["line"] = "| " + " | ".join(cells) + " |"
-    return row
+    """One row of the end-to-end table, from the run's metrics.csv: img/s of the first epoch, and img/s and
+    FLOP/s over all images and seconds of the later ones."""
+    series = {key: dict(values) for key, values in epoch_metrics(metrics_csv).items()} if metrics_csv.is_file() else {}
+    images, rates, flops = (series.get(key, {}) for key in ("train_images", "train_img_per_s", "train_flop_per_s"))
+    steady = [epoch for epoch in rates if epoch > 0 and epoch in images]
+    seconds = {epoch: images[epoch] / rates[epoch] for epoch in steady}
+    later = sum(images[epoch] for epoch in steady) / sum(seconds.values()) if steady else None
+    flop_rate = (sum(seconds[e] * flops[e] for e in steady) / sum(seconds.values())
+                 if steady and all(e in flops for e in steady) else None)
+    # the workers of the last epoch, and the peak memory over the whole run: its last epoch's
+    workers, memory = (list(series[key].values())[-1] if series.get(key) else None
+                       for key in ("data_workers", "peak_gpu_memory"))
+    cells = [name, f"`{' '.join(flags)}`" if flags else "(defaults)", cell(workers, ".0f"), cell(rates.get(0), ",.0f"),
+             cell(later, ",.0f"), cell(flop_rate and flop_rate / 1e12, ".1f"),
+             cell(memory / 1e9 if memory else None, ".2f"), status]
+    return dict(name=name, flags=flags, later=later, memory=memory, line="| " + " | ".join(cells) + " |")
+
+
+def cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def goals(rows: list[dict]) -> str:
@@ -284,10 +270,14 @@ def goals(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m tools.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry", action="store_true", help="the same steps at tiny sizes on the CPU (the cuda tests skip themselves)")
-    parser.add_argument("--work", type=Path, help="data, runs and logs (default: gpu_check/ or gpu_check_dry/ under the system's temp dir)")
-    parser.add_argument("--report", type=Path, help="the markdown report (default: docs/gpu-check.md; with --dry, WORK/gpu.md)")
+    parser = ArgumentParser(prog="python -m tools.gpu_check", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry", action="store_true",
+                        help="the same steps at tiny sizes on the CPU (the cuda tests skip themselves)")
+    parser.add_argument("--work", type=Path,
+                        help="data, runs and logs (default: gpu_check/ or gpu_check_dry/ under the system's temp dir)")
+    parser.add_argument("--report", type=Path,
+                        help="the markdown report (default: docs/gpu-check.md; with --dry, WORK/gpu.md)")
     parser.add_argument("--budget", type=float, help="seconds for the whole check (default: 390, or 400 with --dry)")
     args = parser.parse_args(argv)
     if not args.dry and not torch.cuda.is_available():

@@ -1,6 +1,5 @@
-"""How much memory a training step needs, traced without computing anything: LiveMemory follows
-every tensor storage as operators run, and under FakeTensorMode a step at any batch size costs
-only the time to trace it. tools/bench.py reports it; the tests check the blocks' saved bytes with it."""
+"""How much memory a training step needs, traced without computing anything. tools/bench.py reports
+it; the tests check the blocks' saved bytes with it."""
 
 import weakref
 
@@ -14,11 +13,10 @@ from architecture import FaceNN
 
 
 class LiveMemory(TorchDispatchMode):
-    """Bytes of all tensor storages alive, and their peak, as operators run.
-
-    Under FakeTensorMode nothing is allocated: storages have sizes but no data, so a training step
-    at any batch size costs only the time to trace it. A storage counts from the operator that
-    creates it until Python frees it (autograd's saved tensors keep it alive until backward)."""
+    """Bytes of all tensor storages alive, and their peak, as operators run. Under FakeTensorMode
+    storages have sizes but no data, so a training step at any batch size costs only the time to
+    trace it. A storage counts from the operator that creates it until Python frees it (autograd's
+    saved tensors keep it alive until backward)."""
 
     def __init__(self, *tensors: torch.Tensor):
         super().__init__()
@@ -49,13 +47,12 @@ class LiveMemory(TorchDispatchMode):
 
 
 def estimated_training_memory(batch_size: int, image_size: int, num_classes: int, **architecture) -> int:
-    """Peak bytes of FaceNN's training step under 16-mixed, traced without computing anything.
-
-    It counts parameters, gradients and AdamW's two states (fp32), the fp16 copies of the weights,
-    every activation autograd saves and every temporary, over two steps (the second starts with
-    AdamW's state in place). CPU autocast stands in for CUDA's: both run convolutions and linear
-    layers in fp16, and batch norm, GELU, ReLU6 and max-pool in their input's dtype. Not counted:
-    the CUDA context, cuDNN workspaces and the caching allocator's slack."""
+    """Peak bytes of FaceNN's training step under 16-mixed: parameters, gradients and AdamW's two
+    states (fp32), the fp16 copies of the weights, every activation autograd saves and every
+    temporary, over two steps (the second starts with AdamW's state in place). CPU autocast stands
+    in for CUDA's: both run convolutions and linear layers in fp16, and batch norm, GELU, ReLU6 and
+    max-pool in their input's dtype. Not counted: the CUDA context, cuDNN workspaces and the caching
+    allocator's slack."""
     with FakeTensorMode():
         model = FaceNN(num_classes, **architecture)  # the weights' layout does not change their bytes
         images = torch.empty(batch_size, 3, image_size, image_size, memory_format=torch.channels_last)

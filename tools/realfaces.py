@@ -5,13 +5,11 @@ side on LFW, on this machine, in one run.
     python -m tools.realfaces --lfw ../shared/realfaces/lfw --rows eigenfaces verify-ce verify-arcface
     python -m tools.realfaces --lfw ../shared/realfaces/lfw --quick           # tiny: the tool's own test
 
-Identification: LFW's 158 people with >= 10 images, split as `python data.py split LFW/images OUT
---min-images 10 --cap 60 --dev 0.2 --test 0.2 --seed 0` does it; each row's test accuracy.
-Verification, LFW View 1: trained on the people of peopleDevTrain.txt with >= 2 images, scored by
-`predict.py verify --lfw-pairs pairsDevTest.txt` on people never trained on. Every network row is
-run_training.main with its flags from ROWS, normalised by its split's own mean/std. The markdown
-is rewritten after each row, so a stopped run keeps the rows it finished. The recipe ablation that
-chose `--preset small` is another document, docs/realfaces.md.
+Identification: LFW's 158 people with >= 10 images, split as `data.py split` does it; each row's
+test accuracy. Verification, LFW View 1: trained on the people of peopleDevTrain.txt, scored by
+`predict.py verify` on people never trained on. Every network row is run_training.main with its
+flags from ROWS. The markdown is rewritten after each row, so a stopped run keeps the rows it
+finished. The recipe ablation that chose `--preset small` is docs/realfaces.md.
 """
 
 import argparse
@@ -22,7 +20,7 @@ import shlex
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, redirect_stderr
+from contextlib import redirect_stderr
 from datetime import datetime, timezone
 from importlib.util import find_spec
 from pathlib import Path
@@ -68,7 +66,7 @@ SPLITS = {
     "verification": dict(people="peopleDevTrain.txt", min_images=2, cap=None, dev=0.1, test=0.0, seed=0),
 }
 PAIRS = "pairsDevTest.txt"  # View 1's test pairs: people of peopleDevTest.txt, none of them trained on
-COMMON = ["--accelerator", "cpu", "--wandb", "off"]  # after every network row's flags, with those of settings()
+COMMON = ["--accelerator", "cpu", "--wandb", "off"]  # after every network row's flags, with those of parse_args
 IMAGE_SIZE = 64  # what the mean/std are measured at, and eigenfaces' grey images
 # the SVM's C, and its gamma as a multiple of scikit-learn's "scale" (1 / (features x variance)), chosen on dev
 EIGENFACES = dict(components=150, C=(1, 10, 100, 1000), gamma=(0.03, 0.1, 0.3, 1, 3))
@@ -84,21 +82,15 @@ class Split(NamedTuple):
     counts: dict
 
 
-def read_people(path: Path) -> dict[str, int]:
-    """name -> image count of one of LFW's people files (`name count` lines; lines of one number,
-    the counts of lines or folds, are skipped)."""
-    rows = [line.split() for line in path.read_text().splitlines()]
-    return {row[0]: int(row[1]) for row in rows if len(row) == 2}
-
-
 def prepare_split(lfw: Path, task: str, work: Path, image_size: int, people: int | None) -> Split:
     """data.py split of the people the task may train on, through a folder of links to their LFW
     folders (data.py split reads a folder of identity folders; the split of each person depends on
     the seed and the person alone, so it equals the split of all of LFW's images/ for those people).
     `people` keeps the first that many by name (--quick)."""
     settings = dict(SPLITS[task])
-    chosen = sorted(name for name, count in read_people(lfw / settings.pop("people")).items()
-                    if count >= settings["min_images"])[:people]
+    # LFW's people files: `name count` lines, and lines of one number (the counts of lines or folds)
+    listed = [line.split() for line in (lfw / settings.pop("people")).read_text().splitlines()]
+    chosen = sorted(row[0] for row in listed if len(row) == 2 and int(row[1]) >= settings["min_images"])[:people]
     source = work / f"{task}-people"
     source.mkdir(parents=True)  # --work is new or empty
     for name in chosen:
@@ -109,31 +101,25 @@ def prepare_split(lfw: Path, task: str, work: Path, image_size: int, people: int
     return Split(folder, mean, std, counts)
 
 
-def train(split: Split, out: Path, flags: list[str], init_from: Path | None = None) -> Path:
-    """run_training.main on the split with the row's flags; its best dev checkpoint."""
-    argv = [f"--data-dir={split.folder}", f"--out={out}", "--overwrite", *flags,
+def network_row(args, name: str, split: Split, results: dict) -> dict:
+    """run_training.main with the row's flags (fine-tuning its init_from row's best checkpoint where it
+    has one), and its best checkpoint scored: identification by predict.py submit + evaluate, test
+    accuracy; verification by View 1's 10-fold accuracy, ROC AUC and EER on pairs of people it never saw."""
+    row, out = ROWS[name], args.work / name
+    argv = [f"--data-dir={split.folder}", f"--out={out}", "--overwrite", *row.flags, *args.after,
             "--mean", *map(str, split.mean), "--std", *map(str, split.std)]
-    argv += ["--init-from", str(init_from)] if init_from else []
+    argv += ["--init-from", str(results[row.init_from]["checkpoint"])] if row.init_from else []
     print("python run_training.py " + shlex.join(argv), flush=True)
     if run_training.main(argv) != 0:
         raise SystemExit(f"run_training.py failed: {out}")
-    return out / "best.ckpt"
-
-
-def identification_row(split: Split, out: Path, flags: list[str], workers: int) -> dict:
-    """Test accuracy of the network a row's flags train, as predict.py submit + evaluate score it."""
-    checkpoint = train(split, out, flags)
-    predict.submit(checkpoint, split.folder / "test", out / "submission.csv", num_workers=workers, device="cpu")
-    score = predict.score_submission(out / "submission.csv", split.folder / "test_labels.csv", checkpoint)
-    return dict(accuracy=score["accuracy"])
-
-
-def verification_row(split: Split, out: Path, flags: list[str], workers: int, lfw: Path,
-                     init_from: Path | None = None) -> dict:
-    """View 1's 10-fold accuracy, ROC AUC and EER of the network a row's flags train (fine-tuned
-    from `init_from` where given), on pairs of people it never saw."""
-    checkpoint = train(split, out, flags, init_from)
-    result = predict.verify(checkpoint, lfw / PAIRS, lfw / "images", lfw=True, num_workers=workers, device="cpu")
+    checkpoint = out / "best.ckpt"
+    if row.task == "identification":
+        predict.submit(checkpoint, split.folder / "test", out / "submission.csv", num_workers=args.workers,
+                       device="cpu")
+        score = predict.score_submission(out / "submission.csv", split.folder / "test_labels.csv", checkpoint)
+        return dict(accuracy=score["accuracy"])
+    result = predict.verify(checkpoint, args.lfw / PAIRS, args.lfw / "images", lfw=True, num_workers=args.workers,
+                            device="cpu")
     return dict(checkpoint=checkpoint, **{key: result[key] for key in ("fold_accuracy", "fold_std", "auc", "eer")})
 
 
@@ -148,7 +134,6 @@ def eigenfaces_row(split: Split, image_size: int) -> dict:
     grey = v2.Compose([v2.Resize((image_size, image_size)), v2.Grayscale(), v2.ToDtype(torch.float32, scale=True)])
     classes = identity_folders(split.folder / "train")
     truth = predict.read_labels(split.folder / "test_labels.csv")
-    test = TestImages(split.folder / "test", grey)
 
     def vectors(dataset, label):
         items = [dataset[i] for i in range(len(dataset))]
@@ -156,7 +141,7 @@ def eigenfaces_row(split: Split, image_size: int) -> dict:
 
     x_train, y_train = vectors(FaceFolder(split.folder / "train", classes, grey), int)
     x_dev, y_dev = vectors(FaceFolder(split.folder / "dev", classes, grey), int)
-    x_test, y_test = vectors(test, lambda name: classes.index(truth[name]))
+    x_test, y_test = vectors(TestImages(split.folder / "test", grey), lambda name: classes.index(truth[name]))
     pca = PCA(min(EIGENFACES["components"], *x_train.shape), whiten=True, svd_solver="randomized", random_state=0)
     x_train, x_dev, x_test = pca.fit_transform(x_train), pca.transform(x_dev), pca.transform(x_test)
     scale = 1 / (x_train.shape[1] * x_train.var())
@@ -188,38 +173,23 @@ def measured(function, *args, **kwargs) -> dict:
     return dict(result, wall_min=(time.perf_counter() - start) / 60, cpu_min=(sum(os.times()[:4]) - cpu) / 60)
 
 
-def settings(args) -> tuple[int, int, list[str]]:
-    """(image size, data workers, the flags every network row gets after its own): COMMON, the
-    workers, and what --quick and --epochs change."""
-    size, workers = (QUICK["image_size"], 0) if args.quick else (IMAGE_SIZE, 1)
-    after = [*COMMON, "--num-workers", str(workers)]
-    after += [*QUICK["flags"], "--image-size", str(size)] if args.quick else []
-    return size, workers, after + (["--epochs", str(args.epochs)] if args.epochs else [])
-
-
 def measure(args, write) -> dict:
     """Each requested row in ROWS order, calling write(results) after each: name -> result dict,
     or a string saying why the row was not run."""
-    size, workers, after = settings(args)
     splits, results = {}, {}
     for name in [name for name in ROWS if name in args.rows]:
-        row = ROWS[name]
+        task = ROWS[name].task
         if reason := missing(name):
             results[name] = f"not available: {reason}"
-            write(results, splits)
-            continue
-        if row.task not in splits:
-            splits[row.task] = prepare_split(args.lfw, row.task, args.work, size, QUICK["people"] if args.quick else None)
-            write(results, splits)
-        split = splits[row.task]
-        flags = [*row.flags, *after] if row.flags else None
-        if flags is None:
-            results[name] = measured(eigenfaces_row, split, size)
-        elif row.task == "identification":
-            results[name] = measured(identification_row, split, args.work / name, flags, workers)
         else:
-            init_from = results[row.init_from]["checkpoint"] if row.init_from else None
-            results[name] = measured(verification_row, split, args.work / name, flags, workers, args.lfw, init_from)
+            if task not in splits:
+                people = QUICK["people"] if args.quick else None
+                splits[task] = prepare_split(args.lfw, task, args.work, args.image_size, people)
+                write(results, splits)
+            if ROWS[name].flags is None:
+                results[name] = measured(eigenfaces_row, splits[task], args.image_size)
+            else:
+                results[name] = measured(network_row, args, name, splits[task], results)
         write(results, splits)
     return results
 
@@ -248,7 +218,8 @@ def cells(name: str, result) -> list[str]:
     if ROWS[name].task == "identification":
         scores = [f"{result['accuracy']:.1%}"]
     else:
-        scores = [f"{result['fold_accuracy']:.1%} ± {result['fold_std']:.1%}", f"{result['auc']:.3f}", f"{result['eer']:.3f}"]
+        scores = [f"{result['fold_accuracy']:.1%} ± {result['fold_std']:.1%}", f"{result['auc']:.3f}",
+                  f"{result['eer']:.3f}"]
     return scores + [f"{result['wall_min']:.2f}", f"{result['cpu_min']:.2f}"]
 
 
@@ -279,17 +250,19 @@ def markdown(args, argv: list[str], results: dict, splits: dict) -> str:
         "",
         f"Written by `python -m tools.realfaces {shlex.join(argv)}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
         f"UTC: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}; 1-minute load average "
-        f"{args.load:.1f} at the start, {os.getloadavg()[0]:.1f} when written), torch {torch.__version__}, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-        "every row measured in this one run, one after the other. Every network row is `run_training.py` with its "
-        f"flags below, then `{shlex.join(settings(args)[2])}` and its split's own `--mean/--std` "
-        "(`data.compute_mean_std`)" + (f"; `--quick` takes {QUICK['people']} people of each split" if args.quick else "")
+        f"{args.load:.1f} at the start, {os.getloadavg()[0]:.1f} when written), torch {torch.__version__}, "
+        f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, every row measured in this one run, one after "
+        "the other. Every network row is `run_training.py` with its flags below, then "
+        f"`{shlex.join(args.after)}` and its split's own `--mean/--std` (`data.compute_mean_std`)"
+        + (f"; `--quick` takes {QUICK['people']} people of each split" if args.quick else "")
         + ". Wall and CPU minutes are the row's own: training and scoring, not the split. "
         "The recipe ablation behind `--preset small` is in [realfaces.md](realfaces.md).",
     ]
     for task, headers in HEADERS.items():
         split = splits.get(task)
-        about = (f": {split.counts['identities']:,} people; {split.counts['train']:,} train, {split.counts['dev']:,} dev, "
-                 f"{split.counts['test']:,} test images; mean {fmt(split.mean)}, std {fmt(split.std)}" if split else "")
+        about = (f": {split.counts['identities']:,} people; {split.counts['train']:,} train, "
+                 f"{split.counts['dev']:,} dev, {split.counts['test']:,} test images; mean {fmt(split.mean)}, "
+                 f"std {fmt(split.std)}" if split else "")
         lines += ["", TASK_TEXT[task].format(split=about), "",
                   "| row | what | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
         for name in [name for name in ROWS if ROWS[name].task == task]:  # all of them: what is left shows
@@ -307,7 +280,8 @@ def fmt(values) -> str:
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lfw", type=Path, required=True, help="LFW: images/ and the protocol files (../shared/realfaces/lfw)")
+    p.add_argument("--lfw", type=Path, required=True,
+                   help="LFW: images/ and the protocol files (../shared/realfaces/lfw)")
     p.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=list(ROWS), metavar="ROW",
                    help=f"the rows to measure (default all), in this order: {', '.join(ROWS)}")
     p.add_argument("--epochs", type=at_least(1), help="every network row trains this many epochs (default: its own)")
@@ -316,13 +290,18 @@ def parse_args(argv=None):
                         f"{QUICK['image_size']} px, small widths (what the tests run)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "realfaces-benchmark.md", help="the markdown to write")
     p.add_argument("--work", type=Path,
-                   help="a new or empty folder to keep the splits and checkpoints in (default: a temporary one, removed)")
+                   help="a new or empty folder for the splits and checkpoints (default: a temporary one, removed)")
     args = p.parse_args(argv)
     for name in args.rows:
         if ROWS[name].init_from and ROWS[name].init_from not in args.rows:
             p.error(f"--rows {name} fine-tunes the checkpoint of {ROWS[name].init_from}: ask for both")
     if args.quick and not args.epochs:
         args.epochs = QUICK["epochs"]
+    # the image size, the data workers, and the flags every network row gets after its own
+    args.image_size, args.workers = (QUICK["image_size"], 0) if args.quick else (IMAGE_SIZE, 1)
+    args.after = [*COMMON, "--num-workers", str(args.workers)]
+    args.after += [*QUICK["flags"], "--image-size", str(args.image_size)] if args.quick else []
+    args.after += ["--epochs", str(args.epochs)] if args.epochs else []
     return args
 
 
@@ -335,11 +314,11 @@ def main(argv=None) -> int:
                         "as in ../shared/realfaces/lfw)")
     check_outputs({"--out": args.out}, {"--lfw": args.lfw})
     if args.work is not None and args.work.exists() and (not args.work.is_dir() or any(args.work.iterdir())):
-        raise UserError(f"--work {args.work}: not empty (expected a new or empty folder for the splits and checkpoints)")
+        raise UserError(f"--work {args.work}: not empty (expected a new or empty folder for the splits and "
+                        "checkpoints)")
     args.load = os.getloadavg()[0]  # other processes' share of the cores, for reading the minutes
-    with ExitStack() as stack:
-        if args.work is None:
-            args.work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="realfaces-")))
+    with tempfile.TemporaryDirectory(prefix="realfaces-") as tmp:
+        args.work = args.work or Path(tmp)
 
         def write(results, splits):
             with atomic_write(args.out) as f:
