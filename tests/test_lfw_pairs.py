@@ -219,13 +219,6 @@ def test_a_missing_name_is_refused_before_any_embedding(checkpoint, tiny_faces, 
     assert f"Ann_0009.jpg is not an image in {images} (1 of the 3 names missing" in line
 
 
-def test_pairs_and_lfw_pairs_are_one_or_the_other(checkpoint, tmp_path, capsys):  # noqa: F811
-    base = ["verify", "--checkpoint", str(checkpoint), "--images", str(tmp_path)]
-    assert "one of the arguments --pairs --lfw-pairs is required" in assert_one_line_error(run_command(base, capsys))
-    both = base + ["--pairs", "a.csv", "--lfw-pairs", "pairs.txt"]
-    assert "not allowed with argument" in assert_one_line_error(run_command(both, capsys))
-
-
 def test_the_real_lfw_view_1_test_pairs_end_to_end(checkpoint, tmp_path, capsys, loaded):  # noqa: F811
     if not (REAL_LFW / "pairsDevTest.txt").is_file():
         pytest.skip(f"LFW is not at {REAL_LFW} (see shared/realfaces/README.md); nothing of it is in the repository")
