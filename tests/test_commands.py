@@ -72,7 +72,9 @@ def test_run_training_writes_checkpoints_log_curves_and_config(trained_run, tiny
 
 
 def metric_epochs(run) -> set:
-    return {row["epoch"] for row in csv.DictReader(open(run / "metrics.csv", newline="")) if row.get("val_acc")}
+    """The epochs metrics.csv holds a dev accuracy for."""
+    with open(run / "metrics.csv", newline="") as f:
+        return {row["epoch"] for row in csv.DictReader(f) if row.get("val_acc")}
 
 
 def test_resume_trains_a_finished_run_longer(trained_run, tmp_path, capsys):
@@ -256,6 +258,8 @@ BROKEN_SETS = {  # name: (how a two-identity set (make_set) is broken, what the 
                      "{bad}/dev_stranger/dev/stranger: identity not in", ""),
     "train_unreadable": (lambda root: [write_bad(path, "zero bytes") for path in list((root / "train").rglob("*.jpg"))],
                          "none of its 8 images can be read", ""),
+    "one_identity": (lambda root: [shutil.rmtree(root / split / "b") for split in ("train", "dev")],
+                     "one identity, a (expected at least 2", ""),
     "mixed_sizes": (lambda root: write_image(root / "train" / "a" / "wide.jpg", 40),
                     "images of different sizes in one batch", "--batch-size 16"),  # one batch holds all 9 train images
 }
@@ -269,6 +273,22 @@ BAD_CONFIGS = {  # name: (a config.yaml, what its error line says)
     "list": ("- a list\n", "expected groups of settings"),
     "unparsable": ("recipe: {epochs: [1\n", "cannot read it"),
 }
+
+
+def write_bad_checkpoints(folder, good):
+    """Files named .ckpt that are not a checkpoint predict.py can load or run_training.py resume."""
+    folder.mkdir()
+    (folder / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (folder / "zero.ckpt").write_bytes(b"")
+    (folder / "directory.ckpt").mkdir()
+    torch.save({"a": 1}, folder / "plain.ckpt")
+    torch.save(torch.nn.Linear(3, 2).state_dict(), folder / "other_model.ckpt")
+    for name, change in [("no_facenn", lambda hp: hp["architecture"].update(widths=(8, 16, 24))),  # 3 widths, 4 depths
+                         ("unknown_setting", lambda hp: hp.update(colour="blue")),
+                         ("other_widths", lambda hp: hp["architecture"].update(widths=(16, 16, 24, 32)))]:
+        edited = torch.load(good, map_location="cpu", weights_only=False)
+        change(edited["hyper_parameters"])
+        torch.save(edited, folder / f"{name}.ckpt")
 
 
 @pytest.fixture(scope="module")
@@ -288,20 +308,7 @@ def inputs(tiny_faces, trained_run, tmp_path_factory):
     (bad / "empty").mkdir()
     for name, (text, _) in BAD_CONFIGS.items():
         (bad / f"{name}.yaml").write_text(text)
-    checkpoints = bad / "ckpt"
-    checkpoints.mkdir()
-    good = (run / "best.ckpt").read_bytes()
-    (checkpoints / "truncated.ckpt").write_bytes(good[: len(good) // 2])
-    (checkpoints / "zero.ckpt").write_bytes(b"")
-    (checkpoints / "directory.ckpt").mkdir()
-    torch.save({"a": 1}, checkpoints / "plain.ckpt")
-    torch.save(torch.nn.Linear(3, 2).state_dict(), checkpoints / "other_model.ckpt")
-    for name, change in [("no_facenn", lambda hp: hp["architecture"].update(widths=(8, 16, 24))),  # 3 widths, 4 depths
-                         ("unknown_setting", lambda hp: hp.update(colour="blue")),
-                         ("other_widths", lambda hp: hp["architecture"].update(widths=(16, 16, 24, 32)))]:
-        edited = torch.load(run / "best.ckpt", map_location="cpu", weights_only=False)
-        change(edited["hyper_parameters"])
-        torch.save(edited, checkpoints / f"{name}.ckpt")
+    write_bad_checkpoints(bad / "ckpt", run / "best.ckpt")
     earlier = bad / "earlier"  # what the predict commands would write, from an earlier run
     earlier.mkdir()
     for name in ("submission.csv", "emb.npy", "scores.csv", "identities.csv"):
@@ -338,7 +345,8 @@ SPLIT = "split {out}/missing {out}/split"
 SYNTH = "--out {out}/set --workers 1"
 
 # (command, arguments, what its one error line says); {data}, {run} and {bad} are `inputs`, {out}
-# an empty folder. A run_training.py command line without --data-dir gets one that does not exist.
+# an empty folder. A run_training.py command line without --data-dir gets one that does not exist,
+# without --out one in {out}.
 ERRORS = [
     # run_training.py: flags
     (run_training, "--epochs 0", "argument --epochs: must be >= 1, got 0"),
@@ -385,6 +393,13 @@ ERRORS = [
     (run_training, "--data-dir {data} --out {run} " + RUN, "already holds a run"),
     (run_training, f"--data-dir {{bad}}/no_train --out {{run}} --overwrite {RUN}",
      "{bad}/no_train/train: directory not found"),
+    (run_training, "--out {run} --resume --widths 8,8,8,8", "--widths (8, 8, 8, 8) contradicts"),
+    (run_training, "--out {run} --resume --lr 0.1", "--lr 0.1 contradicts"),
+    (run_training, "--out {run} --resume --norm layer", "--norm layer contradicts"),
+    (run_training, "--backbone convnext --layer-scale 0.5", "--layer-scale is a FaceNN block option, not for --backbone"),
+    (run_training, f"--data-dir {{data}} --out {{out}}/run {RUN} --batch-size 1 --image-size 32",
+     "--batch-size 1 with 32 px images"),
+    (run_training, f"--data-dir {{data}} --out {{run}} --overwrite --init-from {{run}}/best.ckpt {RUN}", "lies in --out"),
     (run_training, "--data-dir {bad}/other --out {run} --resume", "last.ckpt was trained on other identities"),
     (run_training, "--data-dir {bad}/other --out {out}/run --loss arcface --init-from {run}/best.ckpt "
      + RUN.replace("8,16,24,32", "8,16,24,48"),
@@ -478,8 +493,9 @@ def test_a_users_mistake_is_one_line_and_changes_no_input(inputs, tmp_path, caps
     out = tmp_path / "out"
     out.mkdir()
     argv = [arg.format(**inputs, out=out) for arg in flags.split()]
-    if command is run_training and "--data-dir" not in argv:  # should the flags pass, still no run on the repo's data/
-        argv += ["--data-dir", out / "no_data", "--out", out / "run"]
+    for flag, path in (("--data-dir", out / "no_data"), ("--out", out / "run")):  # never the repo's data/ or checkpoint/
+        if command is run_training and flag not in argv:
+            argv += [flag, path]
     before = snapshot(*inputs.values())
     line = one_error_line(run_command(command.main, argv, capsys))
     assert expected.format(**inputs, out=out) in line, line
