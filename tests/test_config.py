@@ -1,7 +1,6 @@
 """One run configuration: every run writes OUT/config.yaml, --config FILE trains the same model as
-the flags did, a flag given with it overrides the file, and a bad file is one line."""
+the flags did, and a flag given with it overrides the file (a bad file: tests/test_commands.py)."""
 
-import pytest
 import torch
 import yaml
 
@@ -42,28 +41,6 @@ def test_flags_given_with_config_override_it(tmp_path):
     assert config.given == {"config", "lr"}
     demo = run_training.parse_args(["--demo", "--epochs", "3"])  # a preset is defaults under the flags given
     assert (demo.recipe.epochs, demo.architecture.widths, demo.run.accelerator) == (3, (32, 64, 128, 256), "cpu")
-
-
-@pytest.mark.parametrize("content, expected", [
-    (None, "cannot read it (No such file or directory)"),
-    ("recipe: {colour: blue}\n", "unknown setting recipe.colour"),
-    ("data: {lr: 0.1}\n", "unknown setting data.lr"),
-    ("run: {resume: last}\n", "unknown setting run.resume"),
-    ("recipe: {epochs: abc}\n", "--epochs: invalid int value: 'abc'"),
-    ("recipe: {lr: -1}\n", "--lr: must be >= 1e-12, got -1"),
-    ("data: {full: maybe}\n", "--full: ignored explicit argument 'maybe'"),
-    ("- a list\n", "expected groups of settings"),
-    ("recipe: {epochs: [1\n", "cannot read it"),
-])
-def test_a_bad_config_file_is_one_line(tmp_path, capsys, content, expected):
-    path = tmp_path / "config.yaml"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(SystemExit) as stop:
-        run_training.main(["--config", str(path), "--out", str(tmp_path / "out")])
-    (line,) = capsys.readouterr().err.splitlines()
-    assert stop.value.code == 2 and line.startswith(f"error: --config {path}: ") and expected in line, line
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_checkpoint_of_the_earlier_layout_gives_its_settings():

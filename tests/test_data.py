@@ -1,12 +1,9 @@
 """data.py on tiny image folders: label mapping, subsets, full mode, transforms, test images,
-bad input (each a one-line DataError or a counted skip), mean/std and the `stats` command."""
+bad input (each a one-line DataError or a counted skip), and mean/std (the `stats` command: tests/test_commands.py)."""
 
-import ast
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -38,12 +35,10 @@ from data import (
     decode_batch,
     eval_transform,
     load_image,
-    main,
     rotate_and_flip,
     train_transform,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 IDENTITIES = ["n000001", "n000002", "n000003", "n000004"]
 
 
@@ -445,22 +440,6 @@ def test_compute_mean_std_matches_numpy(noisy_train):
     mean_of_two, _ = compute_mean_std(train_dir, max_images=2)  # spread out: the first and last files
     first_and_last = np.concatenate([arrays[0].reshape(-1, 3), arrays[3].reshape(-1, 3)])
     np.testing.assert_allclose(mean_of_two, first_and_last.mean(0), rtol=1e-6)
-
-
-def test_stats_command_prints_mean_and_std(noisy_train, capsys):
-    train_dir, _ = noisy_train
-    assert main(["stats", str(train_dir), "--image-size", "8", "--num-workers", "0"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split(" ", 1)[0] for line in lines] == ["mean", "std"]
-    assert all(len(ast.literal_eval(line.split(" ", 1)[1])) == 3 for line in lines)
-
-
-def test_stats_command_error_is_one_line_and_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, "data.py", "stats", str(tmp_path / "missing")],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    missing = tmp_path / "missing"
-    assert result.stderr.splitlines() == [f"error: {missing}: directory not found (expected {missing}/<identity>/*.jpg)"]
 
 
 # --- the augmentation: BatchAugment against v2's transforms, image by image ------------------------

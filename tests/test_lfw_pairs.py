@@ -15,8 +15,7 @@ import data
 import predict
 from data import DataError
 from tests.conftest import REAL_LFW
-from tests.test_predict import checkpoint, read_rows, run_command  # noqa: F401 (a fixture)
-from tests.test_training import assert_one_line_error
+from tests.test_commands import checkpoint, one_error_line, read_rows, run_command  # noqa: F401 (a fixture)
 
 # a View 2 file of 2 folds x (2 same + 2 different pairs), and the pairs it means
 PAIRS_TXT = """2\t2
@@ -146,7 +145,7 @@ def test_verify_lfw_pairs_reads_only_the_named_images(checkpoint, tiny_faces, tm
     (tmp_path / "pairs.txt").write_text(PAIRS_TXT)
     argv = ["verify", "--checkpoint", checkpoint, "--lfw-pairs", tmp_path / "pairs.txt", "--images", images,
             "--out", tmp_path / "scores.csv", "--num-workers", "0", "--tta"]
-    result = run_command(list(map(str, argv)), capsys)
+    result = run_command(predict.main, argv, capsys)
     assert result.returncode == 0, result.stderr
     named = {images / name for pair in PAIRS for name in pair}
     assert set(loaded) == named and len(loaded) == len(named)  # each named image once, nothing else
@@ -191,7 +190,7 @@ def test_csv_pairs_name_paths_under_images(checkpoint, tiny_faces, tmp_path, cap
     pairs.write_text("img1,img2,same\n" + "".join(f"{x},{y},{s}\n" for x, y, s in rows))
     argv = ["verify", "--checkpoint", checkpoint, "--pairs", pairs, "--images", images, "--out", tmp_path / "scores.csv",
             "--num-workers", "0"]
-    result = run_command(list(map(str, argv)), capsys)
+    result = run_command(predict.main, argv, capsys)
     assert result.returncode == 0, result.stderr
     assert "4 pairs: ROC AUC" in result.stdout and "fold accuracy" not in result.stdout  # no folds in a CSV
     assert sorted(loaded) == sorted({images / name for row in rows for name in row[:2]})
@@ -199,7 +198,7 @@ def test_csv_pairs_name_paths_under_images(checkpoint, tiny_faces, tmp_path, cap
     assert scores[rows[0][:2]] < 1 - 1e-6  # two different images, not one read twice
     # a bare file name that several folders hold is refused, naming it
     pairs.write_text("img1,img2,same\n0001_01.jpg,0002_01.jpg,1\n0001_01.jpg,0003_01.jpg,0\n")
-    line = assert_one_line_error(run_command(list(map(str, argv)), capsys))
+    line = one_error_line(run_command(predict.main, argv, capsys))
     assert "0001_01.jpg is in 4 folders of" in line
 
 
@@ -210,20 +209,13 @@ def test_a_missing_name_is_refused_before_any_embedding(checkpoint, tiny_faces, 
     monkeypatch.setattr(predict, "run_model", lambda *args, **kwargs: pytest.fail("embedded before checking the names"))
     argv = ["verify", "--checkpoint", checkpoint, "--lfw-pairs", tmp_path / "pairs.txt", "--images", images,
             "--num-workers", "0"]
-    line = assert_one_line_error(run_command(list(map(str, argv)), capsys))
+    line = one_error_line(run_command(predict.main, argv, capsys))
     assert f"Cid/Cid_0009.jpg is not an image in {images} (2 of the 15 names missing" in line
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("img1,img2,same\nAnn/Ann_0001.jpg,Ann/Ann_0002.jpg,1\nAnn/Ann_0001.jpg,Ann_0009.jpg,0\n")
     argv[3:5] = ["--pairs", str(pairs)]
-    line = assert_one_line_error(run_command(list(map(str, argv)), capsys))
+    line = one_error_line(run_command(predict.main, argv, capsys))
     assert f"Ann_0009.jpg is not an image in {images} (1 of the 3 names missing" in line
-
-
-def test_pairs_and_lfw_pairs_are_one_or_the_other(checkpoint, tmp_path, capsys):  # noqa: F811
-    base = ["verify", "--checkpoint", str(checkpoint), "--images", str(tmp_path)]
-    assert "one of the arguments --pairs --lfw-pairs is required" in assert_one_line_error(run_command(base, capsys))
-    both = base + ["--pairs", "a.csv", "--lfw-pairs", "pairs.txt"]
-    assert "not allowed with argument" in assert_one_line_error(run_command(both, capsys))
 
 
 def test_the_real_lfw_view_1_test_pairs_end_to_end(checkpoint, tmp_path, capsys, loaded):  # noqa: F811
@@ -234,7 +226,7 @@ def test_the_real_lfw_view_1_test_pairs_end_to_end(checkpoint, tmp_path, capsys,
     torch.save(small, tmp_path / "small.ckpt")
     argv = ["verify", "--checkpoint", tmp_path / "small.ckpt", "--lfw-pairs", REAL_LFW / "pairsDevTest.txt",
             "--images", REAL_LFW / "images", "--num-workers", "0", "--batch-size", "128"]
-    result = run_command(list(map(str, argv)), capsys)
+    result = run_command(predict.main, argv, capsys)
     assert result.returncode == 0, result.stderr
     assert "1000 pairs: ROC AUC " in result.stdout and "LFW 10-fold accuracy " in result.stdout
     accuracy = float(result.stdout.split("LFW 10-fold accuracy ")[1].split()[0])

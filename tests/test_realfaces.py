@@ -19,7 +19,7 @@ import run_training
 from checkpoints import read_checkpoint
 from tests.conftest import FAST, REAL_LFW
 from tests.test_lfw_pairs import loaded  # noqa: F401 (a fixture)
-from tests.test_predict import read_rows, run_command
+from tests.test_commands import read_rows, run_command
 
 if not (REAL_LFW / "images").is_dir() or not (REAL_LFW / "pairsDevTest.txt").is_file():
     pytest.skip(f"LFW is not at {REAL_LFW} (see shared/realfaces/README.md); nothing of it is in the repository",
@@ -108,7 +108,7 @@ def test_verify_scores_view_1_style_pairs_of_real_faces(real, tmp_path, capsys, 
     argv = ["verify", "--checkpoint", real.run / "best.ckpt", "--lfw-pairs", tmp_path / "pairs.txt",
             "--images", REAL_LFW / "images", "--out", tmp_path / "scores.csv", "--num-workers", "0", "--device", "cpu"]
     with recorded_warnings() as caught:
-        result = run_command(list(map(str, argv)), capsys)
+        result = run_command(predict.main, argv, capsys)
     assert result.returncode == 0, result.stderr
     assert f"{2 * PAIRS} pairs: ROC AUC " in result.stdout
     accuracy = float(result.stdout.split("LFW 10-fold accuracy ")[1].split()[0])

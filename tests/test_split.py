@@ -4,7 +4,6 @@ and left out, nothing of the user's written over; and run_training.py trains on 
 
 import csv
 import hashlib
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 import data
 import predict
 import run_training
-from cli import UserError, run
+from cli import UserError
 from data import main, plan_split, split_identities, split_sizes
 from tests.conftest import FAST, REAL_LFW
 
@@ -160,40 +159,11 @@ def test_link_makes_symlinks_to_the_source_images(src, tmp_path):
     assert not any(p.is_symlink() for p in src.rglob("*"))  # the sources are untouched
 
 
-def test_an_empty_out_is_used_and_a_non_empty_one_refused_with_exit_2_untouched(src, tmp_path, monkeypatch, capsys):
+def test_an_empty_out_is_used(src, tmp_path):
+    """A non-empty one is refused: tests/test_commands.py."""
     empty = tmp_path / "empty"
     empty.mkdir()
     assert split_identities(src, empty)["identities"] == 4
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("the user's")
-    monkeypatch.setattr(sys, "argv", ["data.py", "split", str(src), str(out)])
-    with pytest.raises(SystemExit) as exit:
-        run(main)  # as `python data.py split SRC OUT` runs it
-    assert exit.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [f"error: {out}: not empty (expected a new or empty folder: "
-                                                    "split writes over nothing)"]
-    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "the user's"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out", "src"]  # no partial folder left
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--min-images", "2"], "an identity of 2 images would get no train image .*use --min-images 3 or more"),
-    (["--dev", "0.45", "--test", "0.45", "--min-images", "3"], "an identity of 4 images would get no train image .*"
-                                                               "use --min-images 9 or more"),
-    (["--dev", "0.45", "--test", "0.45", "--min-images", "3", "--cap", "4"], r"use --min-images and --cap 5 or more"),
-    (["--dev", "0.5", "--test", "0.5"], "--dev 0.5 and --test 0.5 leave nothing for train"),
-])
-def test_impossible_settings_are_refused_in_one_line_before_anything_is_read(tmp_path, flags, message):
-    with pytest.raises(UserError, match=message):
-        main(["split", str(tmp_path / "missing"), str(tmp_path / "out"), *flags])
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_bad_flag_value_is_a_usage_error(src, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit:
-        main(["split", str(src), str(tmp_path / "out"), "--dev", "-0.1"])
-    assert exit.value.code == 2 and "--dev: must be >= 0" in capsys.readouterr().err
 
 
 def test_out_inside_src_is_refused(src):

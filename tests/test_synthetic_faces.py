@@ -207,33 +207,6 @@ def test_a_linear_model_on_pixels_stays_far_from_the_identities(tmp_path):
     assert 1 / 20 < accuracy <= 0.4  # above chance, far below what a CNN reaches
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--identities", "1"], "identities must be at least 2"),
-    (["--image-size", "16"], "image_size must be at least 32"),
-    (["--dev-per-identity", "-1"], "dev_per_identity must not be negative"),
-    (["--mislabel-rate", "1"], "mislabel_rate must be in [0, 1)"),
-    (["--pairs", "5"], "pairs need verification_identities"),
-])
-def test_command_rejects_bad_arguments_in_one_line(tmp_path, flags, message):
-    result = subprocess.run([sys.executable, sf.__file__, "--out", str(tmp_path / "set"), *flags],
-                            capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
-    assert not (tmp_path / "set").exists()
-
-
-def test_command_writes_a_set_then_refuses_a_foreign_directory(tmp_path):
-    command = [sys.executable, sf.__file__, "--identities", "2", "--train-per-identity", "1",
-               "--dev-per-identity", "1", "--test-per-identity", "1", "--image-size", "32", "--workers", "1"]
-    result = subprocess.run(command + ["--out", str(tmp_path / "set")], capture_output=True, text=True)
-    assert result.returncode == 0 and "2 train" in result.stdout
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine/photo.jpg").write_bytes(b"mine")
-    result = subprocess.run(command + ["--out", str(tmp_path / "mine")], capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert (tmp_path / "mine/photo.jpg").read_bytes() == b"mine"
-
-
 def test_many_processes_generating_at_once_write_one_set(tmp_path):
     """Every rank of a multi-process launch may call generate: one set lands, none fails."""
     code = (
