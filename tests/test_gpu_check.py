@@ -36,6 +36,7 @@ def test_the_dry_check_runs_every_step_and_reports_each_run(tmp_path):
         on_device = "--augment-on-device" not in flags
         assert ("decoding and augmenting on the device" in log.read_text()) is on_device, row
         assert f"--augment-on-device {'on' if on_device else 'off'}" in row.split(" | ")[1], row
+        assert row.split(" | ")[1].count("--augment-on-device") == 1, row  # said once, as the run was told
 
 
 def alive(pid: int) -> bool:

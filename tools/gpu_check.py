@@ -227,6 +227,8 @@ def rehearsal(name: str, flags: list[str]) -> tuple[str, list[str]]:
     the CPU rehearses the path of the real check, not the CPU's."""
     if "--compile" in flags:
         name, flags = f"{name} (dry: without --compile)", [flag for flag in flags if flag != "--compile"]
+    if "--augment-on-device" in flags:
+        return name, flags
     _, _, on = config.parse_args(["--accelerator", "cuda", *flags]).hardware()
     return name, [*flags, "--augment-on-device", "on" if on else "off"]
 
