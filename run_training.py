@@ -15,6 +15,7 @@ run's settings, config.py's) and, with --wandb, an offline or online wandb run.
 import importlib.util
 import math
 import os
+import shlex
 import signal
 import sys
 from contextlib import nullcontext
@@ -61,6 +62,13 @@ class Resumed(NamedTuple):
     path: Path
     checkpoint: dict
     model: FaceClassifier
+
+
+class Outcome(NamedTuple):
+    """What a run leaves: its last checkpoint and, where it validated, its best and that one's dev accuracy."""
+    last: Path
+    best: Path | None
+    best_dev_acc: float | None
 
 
 def parse_args(argv=None) -> Config:
@@ -192,7 +200,12 @@ def clear_earlier_run(out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
+    train(parse_args(argv))
+    return 0
+
+
+def train(cfg: Config) -> Outcome | None:
+    """The run `cfg` describes: its Outcome, or None where a resumed run had nothing left to train."""
     keep_freed_memory()
     if cfg.run.demo:
         from synthetic_faces import generate
@@ -205,10 +218,10 @@ def main(argv=None) -> int:
         raise DataError(f"no data directory at {cfg.data.data_dir}: {KAGGLE_HELP}")
     writes_out = rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0  # not DDP's other ranks
     with folder_lock(cfg.run.out, "run_training.py") if writes_out else nullcontext():
-        return train(cfg)
+        return fit_run(cfg)
 
 
-def train(cfg: Config) -> int:
+def fit_run(cfg: Config) -> Outcome | None:
     """The run itself, once --out is this process's alone."""
     L.seed_everything(cfg.data.seed, workers=True, verbose=False)
     cfg, resumed = resume(cfg)
@@ -218,7 +231,7 @@ def train(cfg: Config) -> int:
     model = build_model(cfg, data, resumed.model if resumed else None)
     if resumed is not None and (reason := nothing_left(cfg, data, resumed)):
         print(reason)
-        return 0
+        return None
     model.example_input_array = torch.zeros(1, *data.image_shape)  # the summary's shapes and FLOPs
     # leave a core to each data worker (oversubscribed cores thrash), unless OMP_NUM_THREADS decides
     if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -295,45 +308,35 @@ def fit(trainer: L.Trainer, model, data, out: Path, resume_from: Path | None) ->
         raise
 
 
-def report_end(cfg: Config, trainer: L.Trainer) -> int:
-    """The run's outcome: dev accuracy, peak GPU memory, curves, and the demo's scores."""
-    out, validate = cfg.run.out, not cfg.data.full
+def report_end(cfg: Config, trainer: L.Trainer) -> Outcome:
+    """The run's Outcome, which rank zero reports: dev accuracy, peak GPU memory, curves, and for the
+    demo the commands that score it."""
+    out, validated = cfg.run.out, not cfg.data.full
+    best, last = trainer.checkpoint_callbacks[0], trainer.checkpoint_callbacks[-1]
+    outcome = Outcome(Path(last.best_model_path), Path(best.best_model_path) if validated else None,
+                      float(best.best_model_score) if validated else None)
     if not trainer.is_global_zero:
-        return 0
+        return outcome
     if trainer.strategy.root_device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device)
         print(f"peak GPU memory (torch.cuda.max_memory_allocated): {peak / 1e9:.2f} GB")
     plot_curves(out / "metrics.csv", out / "curves.png")
-    best = trainer.checkpoint_callbacks[0]
-    if validate:
-        print(f"best dev accuracy {best.best_model_score:.4f}: {best.best_model_path}")
-    print(f"last checkpoint: {trainer.checkpoint_callbacks[-1].best_model_path}; curves: {out / 'curves.png'}")
+    if validated:
+        print(f"best dev accuracy {outcome.best_dev_acc:.4f}: {outcome.best}")
+    print(f"last checkpoint: {outcome.last}; curves: {out / 'curves.png'}")
     if cfg.run.demo:
-        score_demo(Path(best.best_model_path), cfg.data.data_dir, out, cfg.run.num_workers)
-    return 0
+        print(demo_scoring(outcome.best or outcome.last, cfg.data.data_dir, out))
+    return outcome
 
 
-def score_demo(checkpoint: Path, data_dir: Path, out: Path, num_workers: int) -> None:
-    """The demo's last step: the Kaggle submission for its test split, scored against the
-    generator's ground truth, then face verification and open-set identification on identities
-    never trained on."""
-    from predict import identify, score_identification, score_submission, submit, verify
-
-    loading = dict(num_workers=num_workers, device="cpu")
+def demo_scoring(checkpoint: Path, data_dir: Path, out: Path) -> str:
+    """The predict.py commands that score the demo's test split, for a newcomer to type next."""
     submission = out / "submission.csv"
-    submit(checkpoint, data_dir / "test", submission, **loading)
-    score = score_submission(submission, data_dir / "test_labels.csv", checkpoint)
-    print(f"demo test accuracy {score['accuracy']:.4f} ({score['correct']}/{score['rows']}): {submission}")
-    faces = data_dir / "verification"
-    pairs = verify(checkpoint, faces / "verification_pairs.csv", faces / "known", roc=out / "roc.png", **loading)
-    tar = ", ".join(f"TAR@FAR={far:g} {rate:.3f}" for far, rate in pairs["tar_at_far"].items())
-    print(f"demo verification on unseen identities: ROC AUC {pairs['auc']:.3f}, EER {pairs['eer']:.3f}, {tar}: {out / 'roc.png'}")
-    found = identify(checkpoint, faces / "known", faces / "unknown_test", out / "verification.csv",
-                     calibrate=faces / "unknown_dev", labels=faces / "verification_dev.csv", **loading)
-    score = score_identification(out / "verification.csv", faces / "verification_test.csv")
-    print(f"demo identification on unseen identities: open-set accuracy {score['accuracy']:.4f} "
-          f"({score['correct']}/{score['rows']}), {score['unknown_said_unknown']}/{score['unknown']} unknown faces "
-          f"said unknown, at threshold {found['threshold']:.3f} from unknown_dev: {out / 'verification.csv'}")
+    commands = [["submit", "--checkpoint", checkpoint, "--test-dir", data_dir / "test", "--out", submission],
+                ["evaluate", "--submission", submission, "--labels", data_dir / "test_labels.csv", "--checkpoint",
+                 checkpoint]]
+    return "score it (make demo runs these, then verify and identify; docs/demo.md):\n" + "\n".join(
+        shlex.join(["python", "predict.py", *map(str, command)]) for command in commands)
 
 
 if __name__ == "__main__":

@@ -46,12 +46,11 @@ def train(data_dir: Path, out: Path, backbone: str, recipe: str, seed: int, epoc
             f"--backbone={backbone}", f"--seed={seed}", *RECIPES[recipe]]
     print("python run_training.py " + " ".join(argv), flush=True)
     start = time.perf_counter()
-    if run_training.main(argv) != 0:
-        raise SystemExit(f"run failed: {out}")
+    outcome = run_training.train(run_training.parse_args(argv))
     seconds = time.perf_counter() - start
-    accuracy = [value for _, value in epoch_metrics(out / "metrics.csv")["val_acc"]]
-    return dict(backbone=backbone, recipe=recipe, seed=seed, epochs=len(accuracy), best_dev_acc=round(max(accuracy), 4),
-                last_dev_acc=round(accuracy[-1], 4), minutes=round(seconds / 60, 2), curve=accuracy)
+    curve = [value for _, value in epoch_metrics(out / "metrics.csv")["val_acc"]]
+    return dict(backbone=backbone, recipe=recipe, seed=seed, epochs=len(curve), best_dev_acc=round(outcome.best_dev_acc, 4),
+                last_dev_acc=round(curve[-1], 4), minutes=round(seconds / 60, 2), curve=curve)
 
 
 def summary(rows: list[dict]) -> list[tuple]:
