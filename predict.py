@@ -33,8 +33,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import (binary_auroc, binary_roc, binary_sensitivity_at_specificity,
@@ -58,9 +56,9 @@ def model_transform(model: FaceClassifier):
 
 
 def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_workers=DEFAULT_WORKERS):
-    """The logits (or with embed=True, the L2-normalised embeddings) of every (image, key) of
-    `dataset` in order: FaceClassifier.predict_step run by a Trainer on the model's device, fp16
-    on CUDA. Returns (float32 outputs, keys, images per second)."""
+    """The logits (or with embed=True, the L2-normalised embeddings; tta: with the mirror images') of
+    every (image, key) of `dataset` in order: FaceClassifier.predict_step, which a Trainer runs on the
+    model's device, fp16 on CUDA. Returns (float32 outputs, keys, images per second)."""
     cuda = model.device.type == "cuda"
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda,
                         collate_fn=collate_same_size)
@@ -68,7 +66,7 @@ def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_worker
     with quiet_lightning():
         trainer = L.Trainer(accelerator=model.device.type, devices=1, precision="16-mixed" if cuda else "32-true",
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
-                            callbacks=[ProgressBar()])
+                            enable_progress_bar=sys.stdout.isatty())  # Lightning's bar writes to stdout: not to a file
         start = time.perf_counter()
         batches = trainer.predict(model, loader)
         seconds = time.perf_counter() - start
@@ -80,7 +78,7 @@ def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_worker
 def quiet_lightning():
     """The Trainer without its start-up lines (devices available, LOCAL_RANK), its hints on an
     unused GPU and few data workers (the user chose --device and --num-workers) and torch 2.14's
-    deprecation of a pytree class Lightning 2.6 uses: stderr holds a command's progress and errors."""
+    deprecation of a pytree class Lightning 2.6 uses: stderr holds a command's one-line errors."""
     logger = logging.getLogger("lightning.pytorch")
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -91,13 +89,6 @@ def quiet_lightning():
             yield
     finally:
         logger.setLevel(level)
-
-
-class ProgressBar(TQDMProgressBar):
-    """Lightning's bar on stderr, and only on a terminal: stdout holds a command's results."""
-
-    def init_predict_tqdm(self) -> Tqdm:
-        return Tqdm(disable=None, file=sys.stderr, dynamic_ncols=True, bar_format=self.BAR_FORMAT)
 
 
 def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, names_out=None, tta=False):
@@ -116,11 +107,13 @@ def identity_templates(model, known_dir, batch_size=256, num_workers=DEFAULT_WOR
     and each unknown image costs one comparison per identity."""
     names = identity_folders(Path(known_dir))
     if NO_MATCH in names:
-        raise DataError(f"{Path(known_dir) / NO_MATCH}: {NO_MATCH} means 'none of the known' (expected other identity names)")
+        raise DataError(f"{Path(known_dir) / NO_MATCH}: {NO_MATCH} means 'none of the known' "
+                        "(expected other identity names)")
     images = FaceFolder(known_dir, names, model_transform(model))
     if empty := sorted(set(names) - {names[label] for _, label in images.samples}):
         raise DataError(f"{Path(known_dir) / empty[0]}: no images ({len(empty)} such; expected <identity>/*.jpg)")
-    embeddings, labels, _ = run_model(model, images, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers)
+    embeddings, labels, _ = run_model(model, images, embed=True, tta=tta, batch_size=batch_size,
+                                      num_workers=num_workers)
     sums = torch.zeros(len(names), embeddings.shape[1]).index_add_(0, torch.tensor(labels), embeddings)
     return names, F.normalize(sums, dim=1)
 
@@ -240,7 +233,8 @@ def read_submission(submission, labels) -> tuple[dict[str, str], dict[str, str]]
     truth, predicted = read_labels(labels), read_labels(submission)
     missing, extra = sorted(truth.keys() - predicted.keys()), sorted(predicted.keys() - truth.keys())
     if missing:
-        raise DataError(f"{submission}: no row for {len(missing)} ids of {labels}, e.g. {missing[0]} (expected one per image)")
+        raise DataError(f"{submission}: no row for {len(missing)} ids of {labels}, e.g. {missing[0]} "
+                        "(expected one per image)")
     if extra:
         raise DataError(f"{submission}: {len(extra)} ids not in {labels}, e.g. {extra[0]} (expected the same ids)")
     if not truth:
@@ -282,7 +276,8 @@ def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, 
     images = FaceFolder(data_dir, model.class_names, model_transform(model))
     logits, labels, _ = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers)
     labels, classes = torch.tensor(labels), logits.shape[1]
-    top1, top5 = (multiclass_accuracy(logits, labels, classes, top_k=min(k, classes), average="micro").item() for k in (1, 5))
+    top1, top5 = (multiclass_accuracy(logits, labels, classes, top_k=min(k, classes), average="micro").item()
+                  for k in (1, 5))
     return dict(images=len(labels), top1=top1, top5=top5)
 
 
@@ -303,8 +298,8 @@ def score_submission(submission, labels, checkpoint=None, label_names=False) -> 
                             "to map them to identity names (or --label-names if they are names)")
         indices = {str(index): name for index, name in enumerate(names)}
         if bad := sorted(set(predicted.values()) - indices.keys()):
-            raise DataError(f"{submission}: label {bad[0]!r} is not a class index of {checkpoint} (0 to {len(names) - 1}; "
-                            "--label-names if the labels are identity names)")
+            raise DataError(f"{submission}: label {bad[0]!r} is not a class index of {checkpoint} "
+                            f"(0 to {len(names) - 1}; --label-names if the labels are identity names)")
         predicted = {key: indices[value] for key, value in predicted.items()}
     correct = sum(predicted[key] == label for key, label in truth.items())
     return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth))
@@ -600,21 +595,12 @@ def main(argv=None) -> int:
         print(f"{args.submission}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']})")
     elif args.command == "embed":
         result = embed(args.checkpoint, args.images, args.out, **loading)
-        print(f"wrote {result['shape'][0]} x {result['shape'][1]} embeddings to {args.out}, file names to {result['names']}")
+        rows, width = result["shape"]
+        print(f"wrote {rows} x {width} embeddings to {args.out}, file names to {result['names']}")
     elif args.command == "verify":
         result = verify(args.checkpoint, args.pairs or args.lfw_pairs, args.images, args.out, args.roc,
                         lfw=args.lfw_pairs is not None, tta=args.tta, **loading)
-        if args.out:
-            print(f"wrote {result['pairs']} scores to {args.out}")
-        if "auc" in result:
-            tar = ", ".join(f"TAR@FAR={far:g} {rate:.4f}" for far, rate in result["tar_at_far"].items())
-            print(f"{result['pairs']} pairs: ROC AUC {result['auc']:.4f}, EER {result['eer']:.4f}, {tar}, "
-                  f"accuracy {result['accuracy']:.4f} at cosine >= {result['threshold']:.4f}")
-        if "folds" in result:
-            print(f"LFW {len(result['folds'])}-fold accuracy {result['fold_accuracy']:.4f} +- {result['fold_std']:.4f} "
-                  "(each fold at the threshold best on the others)")
-        if args.roc:
-            print(f"ROC curve: {args.roc}")
+        print_verification(result, args.out, args.roc)
     else:
         result = identify(args.checkpoint, args.known, args.unknown, args.out, args.threshold, args.calibrate,
                           args.labels, tta=args.tta, **loading)
@@ -624,6 +610,21 @@ def main(argv=None) -> int:
         print(f"wrote {result['rows']} rows to {args.out}: {result['rows'] - result['said_unknown']} matched to "
               f"{result['identities']} known identities, {result['said_unknown']} {NO_MATCH}")
     return 0
+
+
+def print_verification(result: dict, out: Path | None, roc: Path | None) -> None:
+    """What verify wrote and measured: ROC AUC, EER, TAR@FAR and the best accuracy; for LFW the fold accuracy."""
+    if out:
+        print(f"wrote {result['pairs']} scores to {out}")
+    if "auc" in result:
+        tar = ", ".join(f"TAR@FAR={far:g} {rate:.4f}" for far, rate in result["tar_at_far"].items())
+        print(f"{result['pairs']} pairs: ROC AUC {result['auc']:.4f}, EER {result['eer']:.4f}, {tar}, "
+              f"accuracy {result['accuracy']:.4f} at cosine >= {result['threshold']:.4f}")
+    if "folds" in result:
+        print(f"LFW {len(result['folds'])}-fold accuracy {result['fold_accuracy']:.4f} +- {result['fold_std']:.4f} "
+              "(each fold at the threshold best on the others)")
+    if roc:
+        print(f"ROC curve: {roc}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python run_training.py                        # Kaggle data under data/, 60 epochs
     python run_training.py --full                 # the seed's final run: train+dev, no validation
     python run_training.py --resume               # continue checkpoint/last.ckpt
-    python run_training.py --demo                 # synthetic faces, CPU, a few minutes
+    python run_training.py --demo                 # synthetic faces, CPU, a few minutes; prints how to score it
     python run_training.py --loss arcface --init-from checkpoint/best.ckpt --epochs 10 --out checkpoint/arcface
     python run_training.py --data-dir my_people --init-from checkpoint/best.ckpt --epochs 10 --out checkpoint/mine
     python run_training.py --config checkpoint/config.yaml --out checkpoint/again   # the same run again
@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import config
+import synthetic_faces
 from architecture import count_parameters
 from cli import UserError, folder_lock, keep_freed_memory, overlaps, run
 from config import Config
@@ -106,8 +107,9 @@ def build_model(cfg: Config, data: FaceDataModule, resumed: FaceClassifier | Non
 def schedule_summary(hp) -> str:
     """The run's learning rate per epoch, and the regularisers it uses beyond the seed's recipe."""
     last_lr = warmup_cosine_lr(hp.max_epochs - 1, hp.warmup_epochs, hp.max_epochs, hp.warmup_start_lr, hp.lr, hp.min_lr)
-    extras = [f"{name} {value:g}" for name, value in (
-        ("ema", hp.ema_decay), ("drop-path", (hp.architecture or {}).get("drop_path")), ("cutmix", hp.cutmix_alpha)) if value]
+    regularisers = (("ema", hp.ema_decay), ("drop-path", (hp.architecture or {}).get("drop_path")),
+                    ("cutmix", hp.cutmix_alpha))
+    extras = [f"{name} {value:g}" for name, value in regularisers if value]
     return (f"schedule: warm-up {hp.warmup_epochs} epochs from {hp.warmup_start_lr:g} to peak {hp.lr:g}, cosine to "
             f"{hp.min_lr:g} at epoch {hp.max_epochs} (last epoch's lr {last_lr:.3g})"
             + (f" | {', '.join(extras)}" if extras else ""))
@@ -188,8 +190,9 @@ def check_trainable(cfg: Config, data: FaceDataModule, model: FaceClassifier, wo
             last_stage = model.model.body(model.model.stem(model.example_input_array))
         model.train()
         if last_stage.shape[-2:].numel() < 2:
-            raise UserError(f"--batch-size 1 with {model.example_input_array.shape[-1]} px images: BatchNorm has one value a "
-                            "channel to train on in the last stage (use --batch-size 2 or more, or larger --image-size)")
+            raise UserError(f"--batch-size 1 with {model.example_input_array.shape[-1]} px images: BatchNorm has one "
+                            "value a channel to train on in the last stage (use --batch-size 2 or more, or larger "
+                            "--image-size)")
 
 
 def clear_earlier_run(out: Path) -> None:
@@ -208,17 +211,20 @@ def train(cfg: Config) -> Outcome | None:
     """The run `cfg` describes: its Outcome, or None where a resumed run had nothing left to train."""
     keep_freed_memory()
     if cfg.run.demo:
-        from synthetic_faces import generate
-
-        try:
-            generate(cfg.data.data_dir, **DEMO_DATA, seed=cfg.data.seed)
-        except ValueError as error:  # e.g. the folder holds something else: the user's files stay
-            raise DataError(str(error)) from error
+        generate_demo_data(cfg.data.data_dir, cfg.data.seed)
     if not cfg.data.data_dir.is_dir() and not cfg.run.resume:  # a resumed run finds its data in the checkpoint
         raise DataError(f"no data directory at {cfg.data.data_dir}: {KAGGLE_HELP}")
     writes_out = rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0  # not DDP's other ranks
     with folder_lock(cfg.run.out, "run_training.py") if writes_out else nullcontext():
         return fit_run(cfg)
+
+
+def generate_demo_data(data_dir: Path, seed: int) -> None:
+    """The demo's synthetic faces, into data_dir; a folder that holds something else is a DataError."""
+    try:
+        synthetic_faces.generate(data_dir, **DEMO_DATA, seed=seed)
+    except ValueError as error:  # the user's files stay
+        raise DataError(str(error)) from error
 
 
 def fit_run(cfg: Config) -> Outcome | None:
@@ -280,17 +286,18 @@ def make_trainer(cfg: Config, accelerator: str, precision: str) -> L.Trainer:
 
 def report_start(cfg: Config, data: FaceDataModule, model, trainer: L.Trainer, device: tuple, resumed) -> None:
     """What the run is about to do: device, data, schedule."""
-    world = trainer.world_size
-    rank_zero_info(
-        f"device: {device[0]} x {world} | precision: {device[1]} | parameters: {count_parameters(model):,}\n"
-        f"data: {len(data.train_dataset):,} train images, "
-        + (f"{len(data.val_dataset):,} dev images, " if data.val_dataset is not None else "dev merged into train (--full), ")
-        + f"{data.num_classes:,} identities | batch {cfg.data.batch_size} per device, {cfg.data.batch_size * world} global"
-        + f" | {data.num_workers} data workers per device"
-        + (", decoding and augmenting on the device\n" if data.hparams.augment_on_device else "\n")
-        + schedule_summary(model.hparams)
-        + (f"\nresuming {resumed.path} at epoch {resumed.checkpoint['epoch'] + 1} of {cfg.recipe.epochs}" if resumed else "")
-    )
+    world, batch = trainer.world_size, cfg.data.batch_size
+    dev = f"{len(data.val_dataset):,} dev images" if data.val_dataset is not None else "dev merged into train (--full)"
+    lines = [
+        f"device: {device[0]} x {world} | precision: {device[1]} | parameters: {count_parameters(model):,}",
+        f"data: {len(data.train_dataset):,} train images, {dev}, {data.num_classes:,} identities | batch {batch} per "
+        f"device, {batch * world} global | {data.num_workers} data workers per device"
+        + (", decoding and augmenting on the device" if data.hparams.augment_on_device else ""),
+        schedule_summary(model.hparams),
+    ]
+    if resumed:
+        lines.append(f"resuming {resumed.path} at epoch {resumed.checkpoint['epoch'] + 1} of {cfg.recipe.epochs}")
+    rank_zero_info("\n".join(lines))
 
 
 def fit(trainer: L.Trainer, model, data, out: Path, resume_from: Path | None) -> None:

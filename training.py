@@ -72,7 +72,8 @@ class MarginHead(nn.Module):
     the same cross-entropy (label smoothing included) as the plain head's, and validation and
     `submit` read the same logits without the margin."""
 
-    def __init__(self, in_features: int, num_classes: int, loss: str = "arcface", margin: float = 0.5, scale: float = 64.0):
+    def __init__(self, in_features: int, num_classes: int, loss: str = "arcface", margin: float = 0.5,
+                 scale: float = 64.0):
         super().__init__()
         if loss not in MARGINS:
             raise ValueError(f"margin loss must be one of {', '.join(MARGINS)}, got {loss!r}")
