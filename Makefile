@@ -18,7 +18,7 @@ demo: install
 	$(PYTHON) run_training.py --demo --data-dir $(DEMO_DATA) --out $(DEMO_OUT)
 	$(MAKE) --no-print-directory demo-score
 
-demo-score:
+demo-score: install
 	$(PYTHON) predict.py submit --checkpoint $(DEMO_OUT)/best.ckpt --test-dir $(DEMO_DATA)/test \
 		--out $(DEMO_OUT)/submission.csv
 	$(PYTHON) predict.py evaluate --submission $(DEMO_OUT)/submission.csv --labels $(DEMO_DATA)/test_labels.csv \
