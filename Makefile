@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install demo test test-gpu-versions gpu-check gpu-check-dry
+.PHONY: install demo demo-score test test-gpu-versions gpu-check gpu-check-dry
 
 install: $(VENV)/.installed
 
@@ -11,8 +11,26 @@ $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m pip install -r requirements.txt
 	touch $@
 
+# The demo (docs/demo.md): train on synthetic faces, then score the run with the commands a user types.
+DEMO_DATA ?= demo_data
+DEMO_OUT ?= checkpoint/demo
 demo: install
-	$(PYTHON) run_training.py --demo
+	$(PYTHON) run_training.py --demo --data-dir $(DEMO_DATA) --out $(DEMO_OUT)
+	$(MAKE) --no-print-directory demo-score
+
+demo-score: install
+	$(PYTHON) predict.py submit --checkpoint $(DEMO_OUT)/best.ckpt --test-dir $(DEMO_DATA)/test \
+		--out $(DEMO_OUT)/submission.csv
+	$(PYTHON) predict.py evaluate --submission $(DEMO_OUT)/submission.csv --labels $(DEMO_DATA)/test_labels.csv \
+		--checkpoint $(DEMO_OUT)/best.ckpt
+	$(PYTHON) predict.py verify --checkpoint $(DEMO_OUT)/best.ckpt \
+		--pairs $(DEMO_DATA)/verification/verification_pairs.csv --images $(DEMO_DATA)/verification/known \
+		--roc $(DEMO_OUT)/roc.png
+	$(PYTHON) predict.py identify --checkpoint $(DEMO_OUT)/best.ckpt --known $(DEMO_DATA)/verification/known \
+		--unknown $(DEMO_DATA)/verification/unknown_test --out $(DEMO_OUT)/verification.csv \
+		--calibrate $(DEMO_DATA)/verification/unknown_dev --labels $(DEMO_DATA)/verification/verification_dev.csv
+	$(PYTHON) predict.py evaluate --submission $(DEMO_OUT)/verification.csv \
+		--labels $(DEMO_DATA)/verification/verification_test.csv --open-set
 
 test: install
 	$(PYTHON) -m pytest

@@ -22,16 +22,21 @@ interrupted run leaves an earlier file as it was.
 
 import argparse
 import csv
+import logging
+import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import (binary_auroc, binary_roc, binary_sensitivity_at_specificity,
                                                     multiclass_accuracy)
-from tqdm import tqdm
 
 from checkpoints import load_model, read_checkpoint
 from cli import ArgumentParser, at_least, atomic_write, check_outputs, finite_float, keep_freed_memory, run
@@ -50,29 +55,40 @@ def model_transform(model: FaceClassifier):
     return eval_transform(model.hparams.mean, model.hparams.std, model.hparams.image_size, model.hparams.crop)
 
 
-def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_workers=DEFAULT_WORKERS, desc="inference"):
-    """The logits (or with embed=True, the L2-normalised embeddings) of every (image, key) of
-    `dataset` in order, batched on the model's device, fp16 on CUDA. tta averages the outputs of
-    each image and its mirror image (embeddings normalised again after). Returns (float32 outputs,
-    keys, images per second)."""
-    device = model.device
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", collate_fn=collate_same_size)
-    forward = model.embed if embed else model
-    outputs, keys = [], []
-    start = time.perf_counter()
-    with (torch.inference_mode(), torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"),
-          tqdm(total=len(dataset), desc=desc, unit="img", disable=None) as bar):
-        for images, batch_keys in loader:
-            images = images.to(device, non_blocking=True)
-            output = forward(images)
-            if tta:
-                output = (output + forward(images.flip(-1))) / 2
-            output = output.float()
-            outputs.append((F.normalize(output, dim=1) if embed and tta else output).cpu())
-            keys += batch_keys.tolist() if torch.is_tensor(batch_keys) else batch_keys
-            bar.update(len(images))
-    return torch.cat(outputs), keys, len(keys) / (time.perf_counter() - start)
+def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_workers=DEFAULT_WORKERS):
+    """The logits (or with embed=True, the L2-normalised embeddings; tta: with the mirror images') of
+    every (image, key) of `dataset` in order: FaceClassifier.predict_step, which a Trainer runs on the
+    model's device, fp16 on CUDA. Returns (float32 outputs, keys, images per second)."""
+    cuda = model.device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda,
+                        collate_fn=collate_same_size)
+    model.predict_embeddings, model.predict_tta = embed, tta
+    with quiet_lightning():
+        trainer = L.Trainer(accelerator=model.device.type, devices=1, precision="16-mixed" if cuda else "32-true",
+                            logger=False, enable_checkpointing=False, enable_model_summary=False,
+                            enable_progress_bar=sys.stdout.isatty())  # Lightning's bar writes to stdout: not to a file
+        start = time.perf_counter()
+        batches = trainer.predict(model, loader)
+        seconds = time.perf_counter() - start
+    keys = [key for _, batch in batches for key in (batch.tolist() if torch.is_tensor(batch) else batch)]
+    return torch.cat([outputs for outputs, _ in batches]), keys, len(keys) / seconds
+
+
+@contextmanager
+def quiet_lightning():
+    """The Trainer without its start-up lines (devices available, LOCAL_RANK), its hints on an
+    unused GPU and few data workers (the user chose --device and --num-workers) and torch 2.14's
+    deprecation of a pytree class Lightning 2.6 uses: stderr holds a command's one-line errors."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PossibleUserWarning)
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, names_out=None, tta=False):
@@ -81,7 +97,7 @@ def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS,
     images = TestImages(images_dir, model_transform(model))
     if names_out is not None:
         check_text([path.name for path in images.paths], names_out, lines=True)
-    return run_model(model, images, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="embedding")
+    return run_model(model, images, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers)
 
 
 def identity_templates(model, known_dir, batch_size=256, num_workers=DEFAULT_WORKERS, tta=False):
@@ -91,12 +107,13 @@ def identity_templates(model, known_dir, batch_size=256, num_workers=DEFAULT_WOR
     and each unknown image costs one comparison per identity."""
     names = identity_folders(Path(known_dir))
     if NO_MATCH in names:
-        raise DataError(f"{Path(known_dir) / NO_MATCH}: {NO_MATCH} means 'none of the known' (expected other identity names)")
+        raise DataError(f"{Path(known_dir) / NO_MATCH}: {NO_MATCH} means 'none of the known' "
+                        "(expected other identity names)")
     images = FaceFolder(known_dir, names, model_transform(model))
     if empty := sorted(set(names) - {names[label] for _, label in images.samples}):
         raise DataError(f"{Path(known_dir) / empty[0]}: no images ({len(empty)} such; expected <identity>/*.jpg)")
     embeddings, labels, _ = run_model(model, images, embed=True, tta=tta, batch_size=batch_size,
-                                      num_workers=num_workers, desc="embedding known")
+                                      num_workers=num_workers)
     sums = torch.zeros(len(names), embeddings.shape[1]).index_add_(0, torch.tensor(labels), embeddings)
     return names, F.normalize(sums, dim=1)
 
@@ -105,8 +122,6 @@ def best_matches(embeddings, templates) -> tuple[np.ndarray, np.ndarray]:
     """(cosine similarity, index) of the closest template to each embedding."""
     scores, indices = (embeddings @ templates.T).max(dim=1)
     return scores.double().numpy(), indices.numpy()  # float64: a threshold between float32 scores stays between
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +233,8 @@ def read_submission(submission, labels) -> tuple[dict[str, str], dict[str, str]]
     truth, predicted = read_labels(labels), read_labels(submission)
     missing, extra = sorted(truth.keys() - predicted.keys()), sorted(predicted.keys() - truth.keys())
     if missing:
-        raise DataError(f"{submission}: no row for {len(missing)} ids of {labels}, e.g. {missing[0]} (expected one per image)")
+        raise DataError(f"{submission}: no row for {len(missing)} ids of {labels}, e.g. {missing[0]} "
+                        "(expected one per image)")
     if extra:
         raise DataError(f"{submission}: {len(extra)} ids not in {labels}, e.g. {extra[0]} (expected the same ids)")
     if not truth:
@@ -240,7 +256,7 @@ def submit(checkpoint, test_dir, out, batch_size=256, num_workers=DEFAULT_WORKER
     if not images.paths:
         raise DataError(f"{test_dir}: none of its {len(images.skipped)} images can be read (expected JPEG/PNG)")
     check_text([path.name for path in images.paths] + (model.class_names if label_names else []), out)
-    logits, ids, rate = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="predicting")
+    logits, ids, rate = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers)
     predicted = logits.argmax(1).tolist()
     labels = [model.class_names[index] for index in predicted] if label_names else predicted
     write_csv(out, [("id", "label"), *zip(ids, labels)])
@@ -258,9 +274,10 @@ def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, 
         raise DataError(f"{data_dir / unknown[0]}: identity unknown to {checkpoint} "
                         f"({len(unknown)} such; expected identities it was trained on)")
     images = FaceFolder(data_dir, model.class_names, model_transform(model))
-    logits, labels, _ = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers, desc="evaluating")
+    logits, labels, _ = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers)
     labels, classes = torch.tensor(labels), logits.shape[1]
-    top1, top5 = (multiclass_accuracy(logits, labels, classes, top_k=min(k, classes), average="micro").item() for k in (1, 5))
+    top1, top5 = (multiclass_accuracy(logits, labels, classes, top_k=min(k, classes), average="micro").item()
+                  for k in (1, 5))
     return dict(images=len(labels), top1=top1, top5=top5)
 
 
@@ -281,8 +298,8 @@ def score_submission(submission, labels, checkpoint=None, label_names=False) -> 
                             "to map them to identity names (or --label-names if they are names)")
         indices = {str(index): name for index, name in enumerate(names)}
         if bad := sorted(set(predicted.values()) - indices.keys()):
-            raise DataError(f"{submission}: label {bad[0]!r} is not a class index of {checkpoint} (0 to {len(names) - 1}; "
-                            "--label-names if the labels are identity names)")
+            raise DataError(f"{submission}: label {bad[0]!r} is not a class index of {checkpoint} "
+                            f"(0 to {len(names) - 1}; --label-names if the labels are identity names)")
         predicted = {key: indices[value] for key, value in predicted.items()}
     correct = sum(predicted[key] == label for key, label in truth.items())
     return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth))
@@ -416,8 +433,7 @@ def verify(checkpoint, pairs, images, out=None, roc=None, lfw=False, tta=False, 
     paths = find_images(images, names, pairs)
     model = load_model(checkpoint, device)
     dataset = TestImages(images, model_transform(model), paths=paths)
-    embeddings, _, _ = run_model(model, dataset, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers,
-                                 desc="embedding")
+    embeddings, _, _ = run_model(model, dataset, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers)
     index = {name: i for i, name in enumerate(names)}
     first, second = (embeddings[[index[row[k]] for row in rows]] for k in (0, 1))
     scores = (first * second).sum(1).numpy()
@@ -474,68 +490,75 @@ def identify(checkpoint, known, unknown, out, threshold=None, calibrate=None, la
 # -----------------------------------------------------------------------------
 # command line
 
+LOADING = [  # every command's
+    ("--batch-size", dict(type=at_least(1), default=256)),
+    ("--num-workers", dict(type=at_least(0), default=DEFAULT_WORKERS, help="image decoding processes")),
+    ("--device", dict(choices=("auto", "cpu", "cuda"), default="auto")),
+]
+CHECKPOINT = dict(type=Path, help="a .ckpt written by run_training.py")
+TTA = "average the {} of each image and its mirror image"
+# command: (add_parser's help and description, its flags in --help's order); a list of flags is a
+# group of which exactly one must be given
+COMMANDS = {
+    "submit": (dict(help="write a Kaggle submission CSV (id,label)"), [
+        ("--checkpoint", dict(CHECKPOINT, required=True)),
+        ("--test-dir", dict(type=Path, default=Path("data/test"), help="test images, flat or in subfolders")),
+        ("--out", dict(type=Path, default=Path("submission.csv"))),
+        ("--tta", dict(action="store_true", help=TTA.format("logits"))),
+        ("--label-names", dict(action="store_true", help="write identity folder names, not class indices")),
+        ("--skip-bad", dict(action="store_true", help="leave out unreadable images instead of failing")),
+    ]),
+    "evaluate": (dict(help="accuracy on a labelled split, or of a submission"), [
+        [("--data-dir", dict(type=Path, help="a labelled split, <identity>/*.jpg (needs --checkpoint)")),
+         ("--submission", dict(type=Path, help="a submission CSV to score (needs --labels)"))],
+        ("--labels", dict(type=Path, help="ground truth CSV id,label with identity names")),
+        ("--label-names", dict(action="store_true", help="the submission's labels are identity names "
+                                                         "(submit --label-names), not class indices")),
+        ("--open-set", dict(action="store_true", help=f"the submission is identify's: identity names, {NO_MATCH} for "
+                                                      f"none of the known; also counts the faces said {NO_MATCH}")),
+        ("--checkpoint", CHECKPOINT),
+        ("--tta", dict(action="store_true", help=TTA.format("logits"))),
+    ]),
+    "embed": (dict(help="L2-normalised embeddings of a folder of images, as .npy"), [
+        ("--checkpoint", dict(CHECKPOINT, required=True)),
+        ("--images", dict(type=Path, required=True, help="images, flat or in subfolders")),
+        ("--out", dict(type=Path, required=True, help="the .npy; file names go beside it as .txt")),
+    ]),
+    "verify": (dict(help="cosine similarity of image pairs; ROC AUC, EER, TAR@FAR"), [
+        ("--checkpoint", dict(CHECKPOINT, required=True)),
+        [("--pairs", dict(type=Path, help="CSV img1,img2[,same] of paths under --images (or file names in it)")),
+         ("--lfw-pairs", dict(type=Path, help="LFW's pairs.txt or pairsDev*.txt; adds the 10-fold accuracy"))],
+        ("--images", dict(type=Path, required=True, help="the folder the pairs' paths start from (LFW: its images/)")),
+        ("--out", dict(type=Path, help="CSV of the scores")),
+        ("--roc", dict(type=Path, help="PNG of the ROC curve")),
+        ("--tta", dict(action="store_true", help=TTA.format("embeddings"))),
+    ]),
+    "identify": (dict(help=f"map unknown faces to known identities or {NO_MATCH} (Kaggle's verification task)",
+                      description="Each image of --unknown gets the identity of --known whose mean embedding is "
+                      f"closest by cosine similarity, or {NO_MATCH} when that similarity is under the threshold. "
+                      "Writes id,label for every image."), [
+        ("--checkpoint", dict(CHECKPOINT, required=True)),
+        ("--known", dict(type=Path, required=True, help="the known faces, <identity>/*.jpg")),
+        ("--unknown", dict(type=Path, required=True, help="the images to identify (e.g. unknown_test)")),
+        ("--out", dict(type=Path, default=Path("verification_submission.csv"), help="the submission CSV")),
+        [("--threshold", dict(type=finite_float, help=f"cosine similarity under which a face is {NO_MATCH}")),
+         ("--calibrate", dict(type=Path, help="labelled images (e.g. unknown_dev) to choose the threshold on; "
+                                              "prints it and the accuracy there (needs --labels)"))],
+        ("--labels", dict(type=Path, help="truth of --calibrate, CSV id,label (e.g. verification_dev.csv)")),
+        ("--tta", dict(action="store_true", help=TTA.format("embeddings"))),
+    ]),
+}
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    model = ArgumentParser(add_help=False)
-    model.add_argument("--batch-size", type=at_least(1), default=256)
-    model.add_argument("--num-workers", type=at_least(0), default=DEFAULT_WORKERS, help="image decoding processes")
-    model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    checkpoint = dict(type=Path, help="a .ckpt written by run_training.py")
-
-    p = commands.add_parser("submit", parents=[model], help="write a Kaggle submission CSV (id,label)")
-    p.add_argument("--checkpoint", required=True, **checkpoint)
-    p.add_argument("--test-dir", type=Path, default=Path("data/test"), help="test images, flat or in subfolders")
-    p.add_argument("--out", type=Path, default=Path("submission.csv"))
-    p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
-    p.add_argument("--label-names", action="store_true", help="write identity folder names, not class indices")
-    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images instead of failing")
-
-    p = commands.add_parser("evaluate", parents=[model], help="accuracy on a labelled split, or of a submission")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data-dir", type=Path, help="a labelled split, <identity>/*.jpg (needs --checkpoint)")
-    source.add_argument("--submission", type=Path, help="a submission CSV to score (needs --labels)")
-    p.add_argument("--labels", type=Path, help="ground truth CSV id,label with identity names")
-    p.add_argument("--label-names", action="store_true",
-                   help="the submission's labels are identity names (submit --label-names), not class indices")
-    p.add_argument("--open-set", action="store_true",
-                   help=f"the submission is identify's: identity names, {NO_MATCH} for none of the known; "
-                        f"also counts the faces said {NO_MATCH}")
-    p.add_argument("--checkpoint", **checkpoint)
-    p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
-
-    p = commands.add_parser("embed", parents=[model], help="L2-normalised embeddings of a folder of images, as .npy")
-    p.add_argument("--checkpoint", required=True, **checkpoint)
-    p.add_argument("--images", type=Path, required=True, help="images, flat or in subfolders")
-    p.add_argument("--out", type=Path, required=True, help="the .npy; file names go beside it as .txt")
-
-    p = commands.add_parser("verify", parents=[model], help="cosine similarity of image pairs; ROC AUC, EER, TAR@FAR")
-    p.add_argument("--checkpoint", required=True, **checkpoint)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--pairs", type=Path, help="CSV img1,img2[,same] of paths under --images (or file names in it)")
-    source.add_argument("--lfw-pairs", type=Path, help="LFW's pairs.txt or pairsDev*.txt; adds the 10-fold accuracy")
-    p.add_argument("--images", type=Path, required=True, help="the folder the pairs' paths start from (LFW: its images/)")
-    p.add_argument("--out", type=Path, help="CSV of the scores")
-    p.add_argument("--roc", type=Path, help="PNG of the ROC curve")
-    p.add_argument("--tta", action="store_true", help="average the embeddings of each image and its mirror image")
-
-    p = commands.add_parser("identify", parents=[model],
-                            help=f"map unknown faces to known identities or {NO_MATCH} (Kaggle's verification task)",
-                            description="Each image of --unknown gets the identity of --known whose mean embedding "
-                            f"is closest by cosine similarity, or {NO_MATCH} when that similarity is under the "
-                            "threshold. Writes id,label for every image.")
-    p.add_argument("--checkpoint", required=True, **checkpoint)
-    p.add_argument("--known", type=Path, required=True, help="the known faces, <identity>/*.jpg")
-    p.add_argument("--unknown", type=Path, required=True, help="the images to identify (e.g. unknown_test)")
-    p.add_argument("--out", type=Path, default=Path("verification_submission.csv"), help="the submission CSV")
-    cut = p.add_mutually_exclusive_group(required=True)
-    cut.add_argument("--threshold", type=finite_float, help=f"cosine similarity under which a face is {NO_MATCH}")
-    cut.add_argument("--calibrate", type=Path, help="labelled images (e.g. unknown_dev) to choose the threshold on; "
-                     "prints it and the accuracy there (needs --labels)")
-    p.add_argument("--labels", type=Path, help="truth of --calibrate, CSV id,label (e.g. verification_dev.csv)")
-    p.add_argument("--tta", action="store_true", help="average the embeddings of each image and its mirror image")
-
-
+    for name, (about, flags) in COMMANDS.items():
+        command = commands.add_parser(name, **about)
+        for flag in [*LOADING, *flags]:
+            group = command.add_mutually_exclusive_group(required=True) if isinstance(flag, list) else command
+            for option, settings in flag if isinstance(flag, list) else [flag]:
+                group.add_argument(option, **settings)
     args = parser.parse_args(argv)
     if args.command == "evaluate" and args.data_dir and not args.checkpoint:
         parser.error("evaluate --data-dir needs --checkpoint")
@@ -572,21 +595,12 @@ def main(argv=None) -> int:
         print(f"{args.submission}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']})")
     elif args.command == "embed":
         result = embed(args.checkpoint, args.images, args.out, **loading)
-        print(f"wrote {result['shape'][0]} x {result['shape'][1]} embeddings to {args.out}, file names to {result['names']}")
+        rows, width = result["shape"]
+        print(f"wrote {rows} x {width} embeddings to {args.out}, file names to {result['names']}")
     elif args.command == "verify":
         result = verify(args.checkpoint, args.pairs or args.lfw_pairs, args.images, args.out, args.roc,
                         lfw=args.lfw_pairs is not None, tta=args.tta, **loading)
-        if args.out:
-            print(f"wrote {result['pairs']} scores to {args.out}")
-        if "auc" in result:
-            tar = ", ".join(f"TAR@FAR={far:g} {rate:.4f}" for far, rate in result["tar_at_far"].items())
-            print(f"{result['pairs']} pairs: ROC AUC {result['auc']:.4f}, EER {result['eer']:.4f}, {tar}, "
-                  f"accuracy {result['accuracy']:.4f} at cosine >= {result['threshold']:.4f}")
-        if "folds" in result:
-            print(f"LFW {len(result['folds'])}-fold accuracy {result['fold_accuracy']:.4f} +- {result['fold_std']:.4f} "
-                  "(each fold at the threshold best on the others)")
-        if args.roc:
-            print(f"ROC curve: {args.roc}")
+        print_verification(result, args.out, args.roc)
     else:
         result = identify(args.checkpoint, args.known, args.unknown, args.out, args.threshold, args.calibrate,
                           args.labels, tta=args.tta, **loading)
@@ -596,6 +610,21 @@ def main(argv=None) -> int:
         print(f"wrote {result['rows']} rows to {args.out}: {result['rows'] - result['said_unknown']} matched to "
               f"{result['identities']} known identities, {result['said_unknown']} {NO_MATCH}")
     return 0
+
+
+def print_verification(result: dict, out: Path | None, roc: Path | None) -> None:
+    """What verify wrote and measured: ROC AUC, EER, TAR@FAR and the best accuracy; for LFW the fold accuracy."""
+    if out:
+        print(f"wrote {result['pairs']} scores to {out}")
+    if "auc" in result:
+        tar = ", ".join(f"TAR@FAR={far:g} {rate:.4f}" for far, rate in result["tar_at_far"].items())
+        print(f"{result['pairs']} pairs: ROC AUC {result['auc']:.4f}, EER {result['eer']:.4f}, {tar}, "
+              f"accuracy {result['accuracy']:.4f} at cosine >= {result['threshold']:.4f}")
+    if "folds" in result:
+        print(f"LFW {len(result['folds'])}-fold accuracy {result['fold_accuracy']:.4f} +- {result['fold_std']:.4f} "
+              "(each fold at the threshold best on the others)")
+    if roc:
+        print(f"ROC curve: {roc}")
 
 
 if __name__ == "__main__":

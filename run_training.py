@@ -3,7 +3,7 @@
     python run_training.py                        # Kaggle data under data/, 60 epochs
     python run_training.py --full                 # the seed's final run: train+dev, no validation
     python run_training.py --resume               # continue checkpoint/last.ckpt
-    python run_training.py --demo                 # synthetic faces, CPU, a few minutes
+    python run_training.py --demo                 # synthetic faces, CPU, a few minutes; prints how to score it
     python run_training.py --loss arcface --init-from checkpoint/best.ckpt --epochs 10 --out checkpoint/arcface
     python run_training.py --data-dir my_people --init-from checkpoint/best.ckpt --epochs 10 --out checkpoint/mine
     python run_training.py --config checkpoint/config.yaml --out checkpoint/again   # the same run again
@@ -15,6 +15,7 @@ run's settings, config.py's) and, with --wandb, an offline or online wandb run.
 import importlib.util
 import math
 import os
+import shlex
 import signal
 import sys
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import config
+import synthetic_faces
 from architecture import count_parameters
 from cli import UserError, folder_lock, keep_freed_memory, overlaps, run
 from config import Config
@@ -61,6 +63,13 @@ class Resumed(NamedTuple):
     path: Path
     checkpoint: dict
     model: FaceClassifier
+
+
+class Outcome(NamedTuple):
+    """What a run leaves: its last checkpoint and, where it validated, its best and that one's dev accuracy."""
+    last: Path
+    best: Path | None
+    best_dev_acc: float | None
 
 
 def parse_args(argv=None) -> Config:
@@ -98,8 +107,9 @@ def build_model(cfg: Config, data: FaceDataModule, resumed: FaceClassifier | Non
 def schedule_summary(hp) -> str:
     """The run's learning rate per epoch, and the regularisers it uses beyond the seed's recipe."""
     last_lr = warmup_cosine_lr(hp.max_epochs - 1, hp.warmup_epochs, hp.max_epochs, hp.warmup_start_lr, hp.lr, hp.min_lr)
-    extras = [f"{name} {value:g}" for name, value in (
-        ("ema", hp.ema_decay), ("drop-path", (hp.architecture or {}).get("drop_path")), ("cutmix", hp.cutmix_alpha)) if value]
+    regularisers = (("ema", hp.ema_decay), ("drop-path", (hp.architecture or {}).get("drop_path")),
+                    ("cutmix", hp.cutmix_alpha))
+    extras = [f"{name} {value:g}" for name, value in regularisers if value]
     return (f"schedule: warm-up {hp.warmup_epochs} epochs from {hp.warmup_start_lr:g} to peak {hp.lr:g}, cosine to "
             f"{hp.min_lr:g} at epoch {hp.max_epochs} (last epoch's lr {last_lr:.3g})"
             + (f" | {', '.join(extras)}" if extras else ""))
@@ -180,8 +190,9 @@ def check_trainable(cfg: Config, data: FaceDataModule, model: FaceClassifier, wo
             last_stage = model.model.body(model.model.stem(model.example_input_array))
         model.train()
         if last_stage.shape[-2:].numel() < 2:
-            raise UserError(f"--batch-size 1 with {model.example_input_array.shape[-1]} px images: BatchNorm has one value a "
-                            "channel to train on in the last stage (use --batch-size 2 or more, or larger --image-size)")
+            raise UserError(f"--batch-size 1 with {model.example_input_array.shape[-1]} px images: BatchNorm has one "
+                            "value a channel to train on in the last stage (use --batch-size 2 or more, or larger "
+                            "--image-size)")
 
 
 def clear_earlier_run(out: Path) -> None:
@@ -192,23 +203,31 @@ def clear_earlier_run(out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
+    train(parse_args(argv))
+    return 0
+
+
+def train(cfg: Config) -> Outcome | None:
+    """The run `cfg` describes: its Outcome, or None where a resumed run had nothing left to train."""
     keep_freed_memory()
     if cfg.run.demo:
-        from synthetic_faces import generate
-
-        try:
-            generate(cfg.data.data_dir, **DEMO_DATA, seed=cfg.data.seed)
-        except ValueError as error:  # e.g. the folder holds something else: the user's files stay
-            raise DataError(str(error)) from error
+        generate_demo_data(cfg.data.data_dir, cfg.data.seed)
     if not cfg.data.data_dir.is_dir() and not cfg.run.resume:  # a resumed run finds its data in the checkpoint
         raise DataError(f"no data directory at {cfg.data.data_dir}: {KAGGLE_HELP}")
     writes_out = rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0  # not DDP's other ranks
     with folder_lock(cfg.run.out, "run_training.py") if writes_out else nullcontext():
-        return train(cfg)
+        return fit_run(cfg)
 
 
-def train(cfg: Config) -> int:
+def generate_demo_data(data_dir: Path, seed: int) -> None:
+    """The demo's synthetic faces, into data_dir; a folder that holds something else is a DataError."""
+    try:
+        synthetic_faces.generate(data_dir, **DEMO_DATA, seed=seed)
+    except ValueError as error:  # the user's files stay
+        raise DataError(str(error)) from error
+
+
+def fit_run(cfg: Config) -> Outcome | None:
     """The run itself, once --out is this process's alone."""
     L.seed_everything(cfg.data.seed, workers=True, verbose=False)
     cfg, resumed = resume(cfg)
@@ -218,7 +237,7 @@ def train(cfg: Config) -> int:
     model = build_model(cfg, data, resumed.model if resumed else None)
     if resumed is not None and (reason := nothing_left(cfg, data, resumed)):
         print(reason)
-        return 0
+        return None
     model.example_input_array = torch.zeros(1, *data.image_shape)  # the summary's shapes and FLOPs
     # leave a core to each data worker (oversubscribed cores thrash), unless OMP_NUM_THREADS decides
     if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -267,17 +286,18 @@ def make_trainer(cfg: Config, accelerator: str, precision: str) -> L.Trainer:
 
 def report_start(cfg: Config, data: FaceDataModule, model, trainer: L.Trainer, device: tuple, resumed) -> None:
     """What the run is about to do: device, data, schedule."""
-    world = trainer.world_size
-    rank_zero_info(
-        f"device: {device[0]} x {world} | precision: {device[1]} | parameters: {count_parameters(model):,}\n"
-        f"data: {len(data.train_dataset):,} train images, "
-        + (f"{len(data.val_dataset):,} dev images, " if data.val_dataset is not None else "dev merged into train (--full), ")
-        + f"{data.num_classes:,} identities | batch {cfg.data.batch_size} per device, {cfg.data.batch_size * world} global"
-        + f" | {data.num_workers} data workers per device"
-        + (", decoding and augmenting on the device\n" if data.hparams.augment_on_device else "\n")
-        + schedule_summary(model.hparams)
-        + (f"\nresuming {resumed.path} at epoch {resumed.checkpoint['epoch'] + 1} of {cfg.recipe.epochs}" if resumed else "")
-    )
+    world, batch = trainer.world_size, cfg.data.batch_size
+    dev = f"{len(data.val_dataset):,} dev images" if data.val_dataset is not None else "dev merged into train (--full)"
+    lines = [
+        f"device: {device[0]} x {world} | precision: {device[1]} | parameters: {count_parameters(model):,}",
+        f"data: {len(data.train_dataset):,} train images, {dev}, {data.num_classes:,} identities | batch {batch} per "
+        f"device, {batch * world} global | {data.num_workers} data workers per device"
+        + (", decoding and augmenting on the device" if data.hparams.augment_on_device else ""),
+        schedule_summary(model.hparams),
+    ]
+    if resumed:
+        lines.append(f"resuming {resumed.path} at epoch {resumed.checkpoint['epoch'] + 1} of {cfg.recipe.epochs}")
+    rank_zero_info("\n".join(lines))
 
 
 def fit(trainer: L.Trainer, model, data, out: Path, resume_from: Path | None) -> None:
@@ -295,45 +315,35 @@ def fit(trainer: L.Trainer, model, data, out: Path, resume_from: Path | None) ->
         raise
 
 
-def report_end(cfg: Config, trainer: L.Trainer) -> int:
-    """The run's outcome: dev accuracy, peak GPU memory, curves, and the demo's scores."""
-    out, validate = cfg.run.out, not cfg.data.full
+def report_end(cfg: Config, trainer: L.Trainer) -> Outcome:
+    """The run's Outcome, which rank zero reports: dev accuracy, peak GPU memory, curves, and for the
+    demo the commands that score it."""
+    out, validated = cfg.run.out, not cfg.data.full
+    best, last = trainer.checkpoint_callbacks[0], trainer.checkpoint_callbacks[-1]
+    outcome = Outcome(Path(last.best_model_path), Path(best.best_model_path) if validated else None,
+                      float(best.best_model_score) if validated else None)
     if not trainer.is_global_zero:
-        return 0
+        return outcome
     if trainer.strategy.root_device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device)
         print(f"peak GPU memory (torch.cuda.max_memory_allocated): {peak / 1e9:.2f} GB")
     plot_curves(out / "metrics.csv", out / "curves.png")
-    best = trainer.checkpoint_callbacks[0]
-    if validate:
-        print(f"best dev accuracy {best.best_model_score:.4f}: {best.best_model_path}")
-    print(f"last checkpoint: {trainer.checkpoint_callbacks[-1].best_model_path}; curves: {out / 'curves.png'}")
+    if validated:
+        print(f"best dev accuracy {outcome.best_dev_acc:.4f}: {outcome.best}")
+    print(f"last checkpoint: {outcome.last}; curves: {out / 'curves.png'}")
     if cfg.run.demo:
-        score_demo(Path(best.best_model_path), cfg.data.data_dir, out, cfg.run.num_workers)
-    return 0
+        print(demo_scoring(outcome.best or outcome.last, cfg.data.data_dir, out))
+    return outcome
 
 
-def score_demo(checkpoint: Path, data_dir: Path, out: Path, num_workers: int) -> None:
-    """The demo's last step: the Kaggle submission for its test split, scored against the
-    generator's ground truth, then face verification and open-set identification on identities
-    never trained on."""
-    from predict import identify, score_identification, score_submission, submit, verify
-
-    loading = dict(num_workers=num_workers, device="cpu")
+def demo_scoring(checkpoint: Path, data_dir: Path, out: Path) -> str:
+    """The predict.py commands that score the demo's test split, for a newcomer to type next."""
     submission = out / "submission.csv"
-    submit(checkpoint, data_dir / "test", submission, **loading)
-    score = score_submission(submission, data_dir / "test_labels.csv", checkpoint)
-    print(f"demo test accuracy {score['accuracy']:.4f} ({score['correct']}/{score['rows']}): {submission}")
-    faces = data_dir / "verification"
-    pairs = verify(checkpoint, faces / "verification_pairs.csv", faces / "known", roc=out / "roc.png", **loading)
-    tar = ", ".join(f"TAR@FAR={far:g} {rate:.3f}" for far, rate in pairs["tar_at_far"].items())
-    print(f"demo verification on unseen identities: ROC AUC {pairs['auc']:.3f}, EER {pairs['eer']:.3f}, {tar}: {out / 'roc.png'}")
-    found = identify(checkpoint, faces / "known", faces / "unknown_test", out / "verification.csv",
-                     calibrate=faces / "unknown_dev", labels=faces / "verification_dev.csv", **loading)
-    score = score_identification(out / "verification.csv", faces / "verification_test.csv")
-    print(f"demo identification on unseen identities: open-set accuracy {score['accuracy']:.4f} "
-          f"({score['correct']}/{score['rows']}), {score['unknown_said_unknown']}/{score['unknown']} unknown faces "
-          f"said unknown, at threshold {found['threshold']:.3f} from unknown_dev: {out / 'verification.csv'}")
+    commands = [["submit", "--checkpoint", checkpoint, "--test-dir", data_dir / "test", "--out", submission],
+                ["evaluate", "--submission", submission, "--labels", data_dir / "test_labels.csv", "--checkpoint",
+                 checkpoint]]
+    return "score it (make demo runs these, then verify and identify; docs/demo.md):\n" + "\n".join(
+        shlex.join(["python", "predict.py", *map(str, command)]) for command in commands)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ class MarginHead(nn.Module):
     the same cross-entropy (label smoothing included) as the plain head's, and validation and
     `submit` read the same logits without the margin."""
 
-    def __init__(self, in_features: int, num_classes: int, loss: str = "arcface", margin: float = 0.5, scale: float = 64.0):
+    def __init__(self, in_features: int, num_classes: int, loss: str = "arcface", margin: float = 0.5,
+                 scale: float = 64.0):
         super().__init__()
         if loss not in MARGINS:
             raise ValueError(f"margin loss must be one of {', '.join(MARGINS)}, got {loss!r}")
@@ -164,6 +165,8 @@ class FaceClassifier(L.LightningModule):
         self.flops_per_image: int | None = None  # counted at the first training batch, when its size is known
         self.flops_per_batch: int | None = None  # what callbacks.ThroughputMonitor reads
         self.first_bad_loss: torch.Tensor | None = None  # step, epoch and value; see watch_loss
+        # what predict_step returns: logits or embeddings, with or without the mirror image (predict.py sets them)
+        self.predict_embeddings, self.predict_tta = False, False
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits; with a margin loss, `labels` put the margin on the true classes (training)."""
@@ -243,6 +246,20 @@ class FaceClassifier(L.LightningModule):
         self.val_top5(logits, labels)
         metrics = {"val_loss": F.cross_entropy(logits, labels), "val_acc": self.val_top1, "val_top5": self.val_top5}
         self.log_dict(metrics, prog_bar=True, batch_size=len(labels), sync_dist=True)
+
+    def predict_step(self, batch, batch_idx):
+        """(outputs, keys) of a batch of (images, keys): the logits, or the embeddings with
+        predict_embeddings; with predict_tta, the mean of each image's and its mirror image's
+        (embeddings normalised again). float32 on the host, where a test set's outputs can pile up."""
+        images, keys = batch
+        forward = self.embed if self.predict_embeddings else self
+        output = forward(images)
+        if self.predict_tta:
+            output = (output + forward(images.flip(-1))) / 2
+        output = output.float()
+        if self.predict_embeddings and self.predict_tta:
+            output = F.normalize(output, dim=1)
+        return output.cpu(), keys
 
     def configure_optimizers(self):
         hp = self.hparams

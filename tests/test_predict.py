@@ -2,6 +2,8 @@
 identification from a checkpoint, and its one-line errors."""
 
 import csv
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -78,6 +80,19 @@ def test_label_names_and_tta_change_labels_only(submission, checkpoint, tiny_fac
     with torch.no_grad():
         mirrored = torch.cat([model(image[None].flip(-1)) for image, _ in images])
     torch.testing.assert_close(averaged, (logits + mirrored) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_predictions_are_the_models_forward_on_the_same_images(checkpoint, tiny_faces):
+    model = predict.load_model(checkpoint, "cpu")
+    images = predict.TestImages(tiny_faces / "test", predict.model_transform(model))
+    batch = torch.stack([image for image, _ in images])
+    with torch.no_grad():
+        expected = {False: model(batch), True: model.embed(batch)}
+    for embed in (False, True):  # batches of 3, 3 and 2 images through Trainer.predict
+        outputs, keys, rate = predict.run_model(model, images, embed=embed, batch_size=3, num_workers=0)
+        torch.testing.assert_close(outputs, expected[embed], rtol=1e-5, atol=1e-5)
+        assert keys == [path.name for path in images.paths] and rate > 0
+    assert not model.training  # the Trainer leaves the model in eval mode, as it found it
 
 
 def test_evaluate_agrees_with_the_best_validation_accuracy(checkpoint, trained_run, tiny_faces):
@@ -275,13 +290,28 @@ def test_identify_and_score_the_synthetic_verification_task(verification_run, tm
     assert f"open-set accuracy {score['accuracy']:.4f} ({by_hand}/42)" in result.stdout
 
 
-def test_the_demo_ends_with_verification_and_identification(verification_run, tmp_path, capsys):
+def make_recipe(target: str, **variables) -> list[list[str]]:
+    """The commands of a Makefile target, each $(NAME) replaced by variables[NAME], split as the shell splits them."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    recipe = text.split(f"\n{target}:")[1].split("\n\n")[0].splitlines()[1:]
+    return [shlex.split(re.sub(r"\$\((\w+)\)", lambda name: variables[name[1]], line)) for line in recipe]
+
+
+def test_make_demo_scores_the_run_with_the_predict_commands(verification_run, tmp_path, capsys):
     checkpoint, root = verification_run
-    run_training.score_demo(checkpoint, root, tmp_path, num_workers=0)
-    out = capsys.readouterr().out
-    assert "demo verification on unseen identities: ROC AUC 0." in out and "TAR@FAR=0.01 " in out
-    assert "demo identification on unseen identities: open-set accuracy 0." in out
-    assert len(read_rows(tmp_path / "verification.csv")) == 1 + 42
+    shutil.copy(checkpoint, tmp_path / "best.ckpt")
+    printed = []
+    for command in make_recipe("demo-score", PYTHON="python", DEMO_DATA=str(root), DEMO_OUT=str(tmp_path)):
+        assert command[:2] == ["python", "predict.py"], command
+        result = run_command(command[2:], capsys)
+        assert result.returncode == 0, result.stderr
+        printed.append(result.stdout)
+    submitted, scored, verified, identified, open_set = printed
+    assert f"wrote {24 * 4} rows" in submitted and re.search(r"accuracy 0\.\d{4} \(\d+/96\)", scored)
+    auc = float(re.search(r"ROC AUC (\S+),", verified)[1])
+    assert auc > 0.75 and "TAR@FAR=0.01 " in verified and (tmp_path / "roc.png").is_file()
+    assert "calibrated on" in identified and len(read_rows(tmp_path / "verification.csv")) == 1 + 42
+    assert float(re.search(r"open-set accuracy (\S+) ", open_set)[1]) > 2 / 13  # over twice chance, as above
 
 
 def test_commands_print_their_results(checkpoint, submission, tiny_faces, tmp_path, capsys):
@@ -350,8 +380,8 @@ def test_the_script_names_the_unreadable_image_in_one_line(bad_inputs, tmp_path)
     out = tmp_path / "submission.csv"
     command = [sys.executable, str(ROOT / "predict.py"), *submit_command("unreadable image", bad_inputs, out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert bad_inputs["bad"].name in assert_one_line_error(result)
-    assert out.read_text() == "an earlier submission\n"
+    assert bad_inputs["bad"].name in assert_one_line_error(result)  # no Lightning start-up lines on stderr
+    assert result.stdout == "" and out.read_text() == "an earlier submission\n"  # nor its progress bar on stdout
 
 
 def test_skip_bad_leaves_out_the_unreadable_image_and_says_so(bad_inputs, tmp_path, capsys):

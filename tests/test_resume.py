@@ -4,6 +4,8 @@ takes its settings from the checkpoint, extends with --epochs, and says when not
 And --out is one run's at a time."""
 
 import csv
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import config
+import predict
 import run_training
 from callbacks import ResumableCSVLogger
 from checkpoints import AtomicCheckpointIO
@@ -260,9 +263,9 @@ def test_resume_continues_in_the_checkpoints_folder_with_its_data(tiny_faces, tm
     assert load(run / "last.ckpt")["epoch"] == 3 and not (tmp_path / "checkpoint").exists()
 
 
-def test_the_demo_replaces_a_demo_run_only(tiny_faces, tmp_path, monkeypatch):
+def test_the_demo_replaces_a_demo_run_only_and_prints_the_commands_that_score_it(tiny_faces, tmp_path, monkeypatch,
+                                                                                   capsys):
     monkeypatch.setattr("synthetic_faces.generate", lambda *args, **kwargs: None)  # the tiny set stands in
-    monkeypatch.setattr(run_training, "score_demo", lambda *args: None)
     demo_data = shutil.copytree(tiny_faces, tmp_path / "demo_data")
 
     def demo(out):
@@ -270,6 +273,11 @@ def test_the_demo_replaces_a_demo_run_only(tiny_faces, tmp_path, monkeypatch):
 
     assert demo(tmp_path / "demo") == 0
     assert demo(tmp_path / "demo") == 0  # a second demo replaces the first
+    commands = [shlex.split(line) for line in capsys.readouterr().out.split("score it")[-1].splitlines()[1:]]
+    assert [command[:3] for command in commands] == [["python", "predict.py", verb] for verb in ("submit", "evaluate")]
+    for command in commands:  # what the user types next
+        assert predict.main(command[2:]) == 0
+    assert re.search(r"submission.csv: accuracy [01]\.\d{4} \(\d/8\)", capsys.readouterr().out)
     out = tmp_path / "out"
     assert train(tiny_faces, out, "--epochs", "1") == 0  # a run on other data
     before = (out / "last.ckpt").read_bytes()

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import run_training
 from cli import ArgumentParser, at_least, run
-from data import DataError
-from synthetic_faces import generate
 from training import epoch_metrics
 
 # The modern combination: what timm's train.py and the ConvNeXt paper add to AdamW + cosine +
@@ -46,12 +44,12 @@ def train(data_dir: Path, out: Path, backbone: str, recipe: str, seed: int, epoc
             f"--backbone={backbone}", f"--seed={seed}", *RECIPES[recipe]]
     print("python run_training.py " + " ".join(argv), flush=True)
     start = time.perf_counter()
-    if run_training.main(argv) != 0:
-        raise SystemExit(f"run failed: {out}")
+    outcome = run_training.train(run_training.parse_args(argv))
     seconds = time.perf_counter() - start
-    accuracy = [value for _, value in epoch_metrics(out / "metrics.csv")["val_acc"]]
-    return dict(backbone=backbone, recipe=recipe, seed=seed, epochs=len(accuracy), best_dev_acc=round(max(accuracy), 4),
-                last_dev_acc=round(accuracy[-1], 4), minutes=round(seconds / 60, 2), curve=accuracy)
+    curve = [value for _, value in epoch_metrics(out / "metrics.csv")["val_acc"]]
+    return dict(backbone=backbone, recipe=recipe, seed=seed, epochs=len(curve),
+                best_dev_acc=round(outcome.best_dev_acc, 4), last_dev_acc=round(curve[-1], 4),
+                minutes=round(seconds / 60, 2), curve=curve)
 
 
 def summary(rows: list[dict]) -> list[tuple]:
@@ -92,23 +90,23 @@ def plot(rows: list[dict], out_png: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m tools.compare_recipes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tools.compare_recipes", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=at_least(2), default=run_training.DEMO_ARGS["epochs"], help="for every run")
     p.add_argument("--seeds", type=at_least(0), nargs="+", default=[0, 1])
     p.add_argument("--backbones", choices=BACKBONES, nargs="+", default=list(BACKBONES))
     p.add_argument("--recipes", choices=tuple(RECIPES), nargs="+", default=["original", "modern"])
     p.add_argument("--name", default="recipes", help="the results' file names: RESULTS/NAME.csv and NAME.png")
-    p.add_argument("--data-dir", type=Path, default=run_training.DEMO_ARGS["data_dir"], help="the demo's synthetic faces")
+    p.add_argument("--data-dir", type=Path, default=run_training.DEMO_ARGS["data_dir"],
+                   help="the demo's synthetic faces")
     p.add_argument("--runs", type=Path, default=Path("checkpoint/recipes"), help="each run's checkpoints and logs")
     p.add_argument("--results", type=Path, default=Path("docs"), help="where the table and the plot go")
     args = p.parse_args(argv)
-    try:
-        generate(args.data_dir, **run_training.DEMO_DATA, seed=0)  # one data set for every run
-    except ValueError as error:
-        raise DataError(str(error)) from error
+    run_training.generate_demo_data(args.data_dir, seed=0)  # one data set for every run
     args.results.mkdir(parents=True, exist_ok=True)
     rows = []
-    with open(args.results / f"{args.name}.csv", "w", newline="") as f:  # row by row: a stopped comparison keeps its runs
+    # row by row: a stopped comparison keeps its runs
+    with open(args.results / f"{args.name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
         writer.writeheader()
         for backbone in args.backbones:
@@ -120,7 +118,8 @@ def main(argv=None) -> int:
                     f.flush()
     plot(rows, args.results / f"{args.name}.png")
     for backbone, recipe, mean, values in summary(rows):
-        print(f"{backbone:9s} {recipe:9s} best dev accuracy {mean:.4f} (seeds: {', '.join(f'{v:.4f}' for v in values)})")
+        seeds = ", ".join(f"{value:.4f}" for value in values)
+        print(f"{backbone:9s} {recipe:9s} best dev accuracy {mean:.4f} (seeds: {seeds})")
     print(f"wrote {args.results / f'{args.name}.csv'} and {args.results / f'{args.name}.png'}")
     return 0
 
