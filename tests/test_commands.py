@@ -6,6 +6,7 @@ start-up each time; tests/test_faults.py runs the real scripts where a process i
 
 import csv
 import hashlib
+import shlex
 import shutil
 import subprocess
 
@@ -106,8 +107,11 @@ def test_demo_makes_its_data_trains_and_scores_the_submission(tmp_path, monkeypa
     argv = ["--demo", "--data-dir", faces, "--out", out, *FAST, "--epochs", "2"]
     stdout = succeeded(run_command(run_training.main, argv, capsys))
     assert len(list((faces / "train").rglob("*.jpg"))) == 32 and len(list((faces / "test").iterdir())) == 12
+    submit, score = [shlex.split(line)[2:] for line in stdout.split("score it")[-1].splitlines()[1:]]
+    succeeded(run_command(predict.main, submit, capsys))  # the commands it prints, as the user types them
+    stdout = succeeded(run_command(predict.main, score, capsys))
     score = predict.score_submission(out / "submission.csv", faces / "test_labels.csv", out / "best.ckpt")
-    assert score["rows"] == 12 and f"demo test accuracy {score['accuracy']:.4f} ({score['correct']}/12)" in stdout
+    assert score["rows"] == 12 and f"accuracy {score['accuracy']:.4f} ({score['correct']}/12)" in stdout
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["data_dir"] == str(faces)
 
 
