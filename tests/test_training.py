@@ -150,7 +150,7 @@ def test_recompute_gelu_is_for_the_run_it_is_given_to(tiny_faces, tmp_path):
         recomputing(["--recompute-gelu", "--backbone", "convnext"])
 
 
-def test_the_blocks_norm_options_reach_the_network_and_its_checkpoint(tiny_faces, tmp_path, capsys):
+def test_the_blocks_norm_options_reach_the_network_and_its_checkpoint(tiny_faces, tmp_path):
     """--norm, --norm-position and --layer-scale: the original's block options, from the command line
     to the checkpoint, which predict rebuilds and a resume keeps."""
     from torchvision.models.convnext import LayerNorm2d
@@ -166,13 +166,6 @@ def test_the_blocks_norm_options_reach_the_network_and_its_checkpoint(tiny_faces
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for block in blocks for module in block.modules())
     assert predict.main(["submit", "--checkpoint", str(out / "last.ckpt"), "--test-dir", str(tiny_faces / "test"),
                          "--out", str(tmp_path / "submission.csv"), "--num-workers", "0"]) == 0
-    with pytest.raises(UserError, match="--norm batch contradicts"):
-        run_training.main(["--data-dir", str(tiny_faces), "--out", str(out), "--epochs", "3", *FAST, "--resume",
-                           "--norm", "batch"])
-    with pytest.raises(SystemExit):
-        run_training.main(["--data-dir", str(tiny_faces), "--out", str(tmp_path / "c"), *FAST, "--backbone", "convnext",
-                           "--layer-scale", "0.5"])
-    assert "error: --layer-scale is a FaceNN block option, not for --backbone convnext" in capsys.readouterr().err
 
 
 def test_a_compiled_run_writes_a_plain_checkpoint(tiny_faces, tmp_path, monkeypatch):
@@ -195,13 +188,6 @@ def test_a_compiled_run_writes_a_plain_checkpoint(tiny_faces, tmp_path, monkeypa
     model = load_model(out / "last.ckpt", "cpu")
     assert not any("_orig_mod" in key for key in model.state_dict())
     assert torch.isfinite(model(torch.randn(2, 3, 48, 48))).all()
-
-
-def test_second_run_into_the_same_out_is_refused(trained_run, tiny_faces):
-    before = (trained_run / "last.ckpt").read_bytes()
-    result = run_cli("--data-dir", tiny_faces, "--out", trained_run, "--epochs", "1", *FAST)
-    assert "already holds a run" in assert_one_line_error(result)
-    assert (trained_run / "last.ckpt").read_bytes() == before
 
 
 def test_sigkill_mid_run_then_resume_finishes_the_planned_epochs(tiny_faces, tmp_path):
@@ -228,20 +214,9 @@ def test_sigkill_mid_run_then_resume_finishes_the_planned_epochs(tiny_faces, tmp
     assert len(epochs) == 4
 
 
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (["--epochs", "-1"], "--epochs: must be >= 1"),
-        (["--batch-size", "0"], "--batch-size: must be >= 1"),
-        (["--image-size", "16"], "--image-size: must be >= 32"),
-        (["--no-such-flag"], "unrecognized arguments"),
-        (["--data-dir", "/nonexistent/faces"], "python run_training.py --demo"),
-        (["--loss", "arcface", "--mixup-alpha", "0.2"], "the margin needs one true class"),
-        (["--margin", "0.3"], "--margin is for --loss arcface or cosface"),
-    ],
-)
-def test_cli_errors_are_one_line(args, expected):
-    assert expected in assert_one_line_error(run_cli(*args))
+def test_the_script_reports_a_user_error_in_one_line():
+    """The real entry point (tests/test_commands.py holds the table of errors, in process)."""
+    assert "python run_training.py --demo" in assert_one_line_error(run_cli("--data-dir", "/nonexistent/faces"))
 
 
 def test_wandb_missing_is_one_line_that_says_what_to_do(tiny_faces, tmp_path, monkeypatch, capsys):
@@ -321,7 +296,7 @@ def test_a_margin_loss_replaces_the_head_and_refuses_mixup():
         FaceClassifier(5, loss="arcface", **{**small, "mixup_alpha": 1.0})
 
 
-def test_arcface_fine_tunes_a_cross_entropy_checkpoint(trained_run, tiny_faces, tmp_path, capsys):
+def test_arcface_fine_tunes_a_cross_entropy_checkpoint(trained_run, tiny_faces, tmp_path):
     ce = predict.load_model(trained_run / "best.ckpt", "cpu")
     fresh = FaceClassifier(TINY_SET["identities"], class_names=ce.class_names, loss="arcface", mixup_alpha=0.0,
                            architecture=dict(ce.hparams.architecture))
@@ -344,9 +319,4 @@ def test_arcface_fine_tunes_a_cross_entropy_checkpoint(trained_run, tiny_faces, 
     found = predict.identify(out / "last.ckpt", tiny_faces / "train", tiny_faces / "test", tmp_path / "ids.csv",
                              threshold=-1.0, num_workers=0)
     assert found["rows"] == 8 and found["said_unknown"] == 0
-    with pytest.raises(SystemExit):  # the run it starts from would be cleared
-        run_training.main(list(map(str, [*flags, "--out", trained_run, "--overwrite"])))
-    assert "lies in --out" in capsys.readouterr().err and (trained_run / "best.ckpt").is_file()
-    wider = [*flags[:-2], "--init-from", trained_run / "best.ckpt", "--widths", "8,16,24,48", "--overwrite"]
-    with pytest.raises(UserError, match="its network differs"):
-        run_training.main(list(map(str, wider)))
+
