@@ -18,6 +18,7 @@ import os
 import shlex
 import signal
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
@@ -303,7 +304,9 @@ def report_start(cfg: Config, data: FaceDataModule, model, trainer: L.Trainer, d
 def fit(trainer: L.Trainer, model, data, out: Path, resume_from: Path | None) -> None:
     """trainer.fit; a run stopped by Ctrl-C or SIGTERM says how to continue it."""
     try:
-        trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+        with warnings.catch_warnings():  # --out is this run's: earlier runs were refused or cleared
+            warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     except SystemExit as stop:  # how Lightning ends a run after Ctrl-C or SIGTERM, once it has shut down the workers
         last = out / "last.ckpt"
         hint = f"continue from {last} with --resume" if last.is_file() else "no epoch finished"

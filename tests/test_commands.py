@@ -72,6 +72,15 @@ def test_run_training_writes_checkpoints_log_curves_and_config(trained_run, tiny
     assert Image.open(trained_run / "curves.png").size[0] > 0
 
 
+def test_a_run_and_its_resume_do_not_warn_of_the_folder_they_own(tiny_faces, tmp_path, recwarn):
+    """--out is the run's (earlier runs refused or cleared, config.yaml written first): Lightning's
+    "Checkpoint directory ... exists and is not empty" would be a false alarm at every start."""
+    argv = ["--data-dir", str(tiny_faces), "--out", str(tmp_path / "run"), *FAST]
+    assert run_training.main([*argv, "--epochs", "1"]) == 0
+    assert run_training.main([*argv, "--epochs", "2", "--resume"]) == 0
+    assert not [str(w.message) for w in recwarn if "is not empty" in str(w.message)]
+
+
 def metric_epochs(run) -> set:
     """The epochs metrics.csv holds a dev accuracy for."""
     with open(run / "metrics.csv", newline="") as f:
