@@ -59,17 +59,19 @@ def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_worker
     """The logits (or with embed=True, the L2-normalised embeddings; tta: with the mirror images') of
     every (image, key) of `dataset` in order: FaceClassifier.predict_step, which a Trainer runs on the
     model's device, fp16 on CUDA. Returns (float32 outputs, keys, images per second)."""
-    cuda = model.device.type == "cuda"
+    device = model.device
+    cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda,
                         collate_fn=collate_same_size)
     model.predict_embeddings, model.predict_tta = embed, tta
     with quiet_lightning():
-        trainer = L.Trainer(accelerator=model.device.type, devices=1, precision="16-mixed" if cuda else "32-true",
+        trainer = L.Trainer(accelerator=device.type, devices=1, precision="16-mixed" if cuda else "32-true",
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=sys.stdout.isatty())  # Lightning's bar writes to stdout: not to a file
         start = time.perf_counter()
         batches = trainer.predict(model, loader)
         seconds = time.perf_counter() - start
+    model.to(device)  # the Trainer's teardown left it on the CPU: the next pass runs where this one did
     keys = [key for _, batch in batches for key in (batch.tolist() if torch.is_tensor(batch) else batch)]
     return torch.cat([outputs for outputs, _ in batches]), keys, len(keys) / seconds
 

@@ -84,6 +84,18 @@ def test_predict_submit_and_embed_on_cuda_agree_with_the_cpu(gpu_run, tiny_faces
     np.testing.assert_allclose(np.load(tmp_path / "cuda.npy"), np.load(tmp_path / "cpu.npy"), atol=1e-2)
 
 
+def test_every_pass_of_a_command_runs_on_the_gpu(gpu_run, tiny_faces, tmp_path, monkeypatch):
+    """Trainer.predict ends by moving the model to the CPU: identify's second pass, and what submit
+    reports, must still be the GPU's."""
+    devices, step = [], FaceClassifier.predict_step
+    monkeypatch.setattr(FaceClassifier, "predict_step",
+                        lambda self, batch, index: devices.append(self.device.type) or step(self, batch, index))
+    checkpoint, loading = gpu_run / "best.ckpt", dict(num_workers=0, device="cuda")
+    assert predict.submit(checkpoint, tiny_faces / "test", tmp_path / "s.csv", **loading)["device"].startswith("cuda")
+    predict.identify(checkpoint, tiny_faces / "train", tiny_faces / "test", tmp_path / "i.csv", threshold=0.5, **loading)
+    assert devices and set(devices) == {"cuda"}
+
+
 def test_augmenting_on_the_gpu_equals_the_cpu_for_the_same_parameters():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
