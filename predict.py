@@ -33,6 +33,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import (binary_auroc, binary_roc, binary_sensitivity_at_specificity,
@@ -55,7 +57,7 @@ def model_transform(model: FaceClassifier):
     return eval_transform(model.hparams.mean, model.hparams.std, model.hparams.image_size, model.hparams.crop)
 
 
-def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_workers=DEFAULT_WORKERS):
+def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_workers=DEFAULT_WORKERS, desc="inference"):
     """The logits (or with embed=True, the L2-normalised embeddings; tta: with the mirror images') of
     every (image, key) of `dataset` in order: FaceClassifier.predict_step, which a Trainer runs on the
     model's device, fp16 on CUDA. Returns (float32 outputs, keys, images per second)."""
@@ -67,13 +69,29 @@ def run_model(model, dataset, embed=False, tta=False, batch_size=256, num_worker
     with quiet_lightning():
         trainer = L.Trainer(accelerator=device.type, devices=1, precision="16-mixed" if cuda else "32-true",
                             logger=False, enable_checkpointing=False, enable_model_summary=False,
-                            enable_progress_bar=sys.stdout.isatty())  # Lightning's bar writes to stdout: not to a file
+                            callbacks=[InferenceBar(desc)])
         start = time.perf_counter()
         batches = trainer.predict(model, loader)
         seconds = time.perf_counter() - start
     model.to(device)  # the Trainer's teardown left it on the CPU: the next pass runs where this one did
     keys = [key for _, batch in batches for key in (batch.tolist() if torch.is_tensor(batch) else batch)]
     return torch.cat([outputs for outputs, _ in batches]), keys, len(keys) / seconds
+
+
+class InferenceBar(TQDMProgressBar):
+    """Lightning's bar, named for its pass, on stderr where a terminal shows it (stdout holds the results)."""
+
+    def __init__(self, desc: str):
+        super().__init__()
+        self.desc = desc
+
+    def init_predict_tqdm(self) -> Tqdm:
+        return Tqdm(desc=self.desc, disable=None, leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.has_dataloader_changed(dataloader_idx):  # keeps desc, not Lightning's "Predicting DataLoader 0"
+            self.predict_progress_bar.reset(total=self.total_predict_batches_current_dataloader)
 
 
 @contextmanager
@@ -99,7 +117,8 @@ def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS,
     images = TestImages(images_dir, model_transform(model))
     if names_out is not None:
         check_text([path.name for path in images.paths], names_out, lines=True)
-    return run_model(model, images, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers)
+    return run_model(model, images, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers,
+                     desc="embedding")
 
 
 def identity_templates(model, known_dir, batch_size=256, num_workers=DEFAULT_WORKERS, tta=False):
@@ -115,7 +134,7 @@ def identity_templates(model, known_dir, batch_size=256, num_workers=DEFAULT_WOR
     if empty := sorted(set(names) - {names[label] for _, label in images.samples}):
         raise DataError(f"{Path(known_dir) / empty[0]}: no images ({len(empty)} such; expected <identity>/*.jpg)")
     embeddings, labels, _ = run_model(model, images, embed=True, tta=tta, batch_size=batch_size,
-                                      num_workers=num_workers)
+                                      num_workers=num_workers, desc="embedding known")
     sums = torch.zeros(len(names), embeddings.shape[1]).index_add_(0, torch.tensor(labels), embeddings)
     return names, F.normalize(sums, dim=1)
 
@@ -258,7 +277,8 @@ def submit(checkpoint, test_dir, out, batch_size=256, num_workers=DEFAULT_WORKER
     if not images.paths:
         raise DataError(f"{test_dir}: none of its {len(images.skipped)} images can be read (expected JPEG/PNG)")
     check_text([path.name for path in images.paths] + (model.class_names if label_names else []), out)
-    logits, ids, rate = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers)
+    logits, ids, rate = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers,
+                                  desc="predicting")
     predicted = logits.argmax(1).tolist()
     labels = [model.class_names[index] for index in predicted] if label_names else predicted
     write_csv(out, [("id", "label"), *zip(ids, labels)])
@@ -276,7 +296,8 @@ def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, 
         raise DataError(f"{data_dir / unknown[0]}: identity unknown to {checkpoint} "
                         f"({len(unknown)} such; expected identities it was trained on)")
     images = FaceFolder(data_dir, model.class_names, model_transform(model))
-    logits, labels, _ = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers)
+    logits, labels, _ = run_model(model, images, tta=tta, batch_size=batch_size, num_workers=num_workers,
+                                  desc="evaluating")
     labels, classes = torch.tensor(labels), logits.shape[1]
     top1, top5 = (multiclass_accuracy(logits, labels, classes, top_k=min(k, classes), average="micro").item()
                   for k in (1, 5))
@@ -435,7 +456,8 @@ def verify(checkpoint, pairs, images, out=None, roc=None, lfw=False, tta=False, 
     paths = find_images(images, names, pairs)
     model = load_model(checkpoint, device)
     dataset = TestImages(images, model_transform(model), paths=paths)
-    embeddings, _, _ = run_model(model, dataset, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers)
+    embeddings, _, _ = run_model(model, dataset, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers,
+                                 desc="embedding")
     index = {name: i for i, name in enumerate(names)}
     first, second = (embeddings[[index[row[k]] for row in rows]] for k in (0, 1))
     scores = (first * second).sum(1).numpy()

@@ -2,6 +2,7 @@
 identification from a checkpoint, and its one-line errors."""
 
 import csv
+import io
 import re
 import shlex
 import shutil
@@ -93,6 +94,20 @@ def test_predictions_are_the_models_forward_on_the_same_images(checkpoint, tiny_
         torch.testing.assert_close(outputs, expected[embed], rtol=1e-5, atol=1e-5)
         assert keys == [path.name for path in images.paths] and rate > 0
     assert not model.training  # the Trainer leaves the model in eval mode, as it found it
+
+
+def test_the_bar_names_its_pass_on_a_terminals_stderr_and_leaves_stdout_to_the_results(checkpoint, tiny_faces,
+                                                                                        monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    model = predict.load_model(checkpoint, "cpu")
+    images = predict.TestImages(tiny_faces / "test", predict.model_transform(model))
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    predict.run_model(model, images, batch_size=3, num_workers=0, desc="embedding known")
+    assert "embedding known: 100%" in sys.stderr.getvalue() and "3/3" in sys.stderr.getvalue()
+    assert "DataLoader" not in sys.stderr.getvalue() and capsys.readouterr().out == ""
 
 
 def test_evaluate_agrees_with_the_best_validation_accuracy(checkpoint, trained_run, tiny_faces):
