@@ -496,9 +496,9 @@ ERRORS = [  # each named "script arguments"
 
 
 def snapshot(*roots) -> dict:
-    """sha256 of every file under `roots`."""
-    return {path: hashlib.sha256(path.read_bytes()).hexdigest()
-            for root in roots for path in sorted(root.rglob("*")) if path.is_file()}
+    """sha256 of every file under `roots`, and its folders (None): an empty folder left behind shows too."""
+    return {path: hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            for root in roots for path in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("command, flags, expected", ERRORS)
@@ -512,6 +512,6 @@ def test_a_users_mistake_is_one_line_and_changes_no_input(inputs, tmp_path, caps
     before = snapshot(*inputs.values())
     line = one_error_line(run_command(command.main, argv, capsys))
     assert expected.format(**inputs, out=out) in line, line
-    assert snapshot(*inputs.values()) == before  # not a byte changed, no file added
+    assert snapshot(*inputs.values()) == before  # not a byte changed, no file or folder added
     assert not list(out.rglob("*.ckpt"))
     assert not any(out.iterdir()) or "in one batch" in line  # only a run stopped at its first batch wrote anything
