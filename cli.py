@@ -8,6 +8,7 @@ every other module can build on it."""
 import argparse
 import ctypes
 import fcntl
+import logging
 import math
 import os
 import sys
@@ -135,7 +136,11 @@ def folder_lock(folder: Path, what: str):
 
 def run(main) -> None:
     """Run a command's main(), turning a UserError, a diverged loss or a failed file operation
-    (disk full, permission denied) into one line and exit status 2; Ctrl-C is exit status 130."""
+    (disk full, permission denied) into one line and exit status 2; Ctrl-C is exit status 130.
+    Two library lines a user can do nothing about stay out: Lightning's ad for its cloud logger and
+    torch 2.14's deprecation of a pytree class inside Lightning 2.6."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "💡 Tip" not in record.msg)
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     try:
         sys.exit(main())
     except (UserError, FloatingPointError, OSError) as error:  # the user's input, a diverged loss, the disk

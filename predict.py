@@ -96,16 +96,15 @@ class InferenceBar(TQDMProgressBar):
 
 @contextmanager
 def quiet_lightning():
-    """The Trainer without its start-up lines (devices available, LOCAL_RANK), its hints on an
-    unused GPU and few data workers (the user chose --device and --num-workers) and torch 2.14's
-    deprecation of a pytree class Lightning 2.6 uses: stderr holds a command's one-line errors."""
+    """The Trainer without its start-up lines (devices available, LOCAL_RANK) and its hints on an
+    unused GPU and few data workers (the user chose --device and --num-workers): stderr holds a
+    command's one-line errors."""
     logger = logging.getLogger("lightning.pytorch")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PossibleUserWarning)
-            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
             yield
     finally:
         logger.setLevel(level)

@@ -191,6 +191,8 @@ def error_line(result, *expected) -> str:
 def succeeded(result):
     assert result.returncode == 0 and "Traceback" not in result.stderr, f"exit {result.returncode}\n{result.stderr[-3000:]}"
     assert not any(line.startswith("error:") for line in result.stderr.splitlines()), result.stderr[-3000:]
+    noise = ("💡 Tip", "LeafSpec")  # Lightning's ad for its cloud logger; torch 2.14's deprecation inside Lightning 2.6
+    assert not [text for text in noise if text in result.stdout + result.stderr], result.stderr[-3000:]
     return result
 
 
