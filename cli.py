@@ -139,7 +139,7 @@ def run(main) -> None:
     (disk full, permission denied) into one line and exit status 2; Ctrl-C is exit status 130.
     Two library lines a user can do nothing about stay out: Lightning's ad for its cloud logger and
     torch 2.14's deprecation of a pytree class inside Lightning 2.6."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "💡 Tip" not in record.msg)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_lightning_ad)  # once, however often run
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     try:
         sys.exit(main())
@@ -149,6 +149,10 @@ def run(main) -> None:
     except KeyboardInterrupt as interrupt:
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def not_lightning_ad(record: logging.LogRecord) -> bool:
+    return "💡 Tip" not in record.getMessage()
 
 
 def one_line(error: Exception) -> str:
