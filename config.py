@@ -261,21 +261,21 @@ def parse_args(argv=None, description=None, presets=None) -> Config:
     """The run the command line describes. `presets` (flag -> the settings it applies when on, as
     --demo; for a flag with a value, value -> settings) and --config FILE give defaults, the flags
     typed override them."""
-    p = parser(description)
-    args = p.parse_args(argv)
+    p = parser(description, defaults=False)
+    given = vars(p.parse_args(argv))
     defaults = {}
     for name, settings in (presets or {}).items():
-        if chosen := getattr(args, name):
+        if chosen := given.get(name):
             defaults.update(settings[chosen] if isinstance(chosen, str) else settings)
-    source = f"--config {args.config}: " if args.config else ""
-    if args.config:
+    config_file = given.get("config")
+    source = f"--config {config_file}: " if config_file else ""
+    if config_file:
         try:
-            defaults.update(read_settings(args.config))
+            defaults.update(read_settings(config_file))
         except ValueError as error:
             p.error(source + str(error))
     # the defaults parsed as flags, so that a file's bad value is refused as the flag's would be
     values = vars(parser(error=lambda message: p.error(source + message)).parse_args(as_flags(defaults)))
-    given = vars(parser(defaults=False).parse_args(argv))
     values = {name: tuple(v) if isinstance(v, list) else v for name, v in {**values, **given}.items()}
     groups = {name: group(**{f.name: values[f.name] for f in fields(group)}) for name, group in GROUPS.items()}
     try:
