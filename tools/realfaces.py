@@ -13,14 +13,12 @@ finished. The recipe ablation that chose `--preset small` is docs/realfaces.md.
 """
 
 import argparse
-import io
 import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
-from contextlib import redirect_stderr
 from datetime import datetime, timezone
 from importlib.util import find_spec
 from pathlib import Path
@@ -143,20 +141,6 @@ def eigenfaces_row(folder: Path, image_size: int) -> dict:
     return dict(accuracy=svms[c, g].score(x_test, y_test), C=c, gamma=g, image_size=image_size)
 
 
-def missing(name: str) -> str | None:
-    """Why a row cannot run here (a flag run_training.py refuses, a package this checkout lacks), or
-    None: asked of run_training's own parsing, so a row waits for the flag it needs rather than failing."""
-    flags = ROWS[name].flags
-    if flags is None:
-        return None if find_spec("sklearn") else "needs scikit-learn (pip install -r requirements.txt)"
-    with redirect_stderr(io.StringIO()) as said:
-        try:
-            run_training.parse_args(flags)
-        except SystemExit:
-            return "run_training.py: " + said.getvalue().strip().removeprefix("error: ").partition(" (see ")[0]
-    return None
-
-
 def measured(function, *args, **kwargs) -> dict:
     """function's result with the wall-clock and CPU minutes it took (the CPU's: this process's
     threads and the data workers it waited for)."""
@@ -171,8 +155,8 @@ def measure(args, write) -> dict:
     splits, results = {}, {}
     for name in [name for name in ROWS if name in args.rows]:
         task = ROWS[name].task
-        if reason := missing(name):
-            results[name] = f"not available: {reason}"
+        if ROWS[name].flags is None and not find_spec("sklearn"):  # eigenfaces
+            results[name] = "not available: needs scikit-learn (pip install -r requirements.txt)"
         else:
             if task not in splits:
                 people = QUICK["people"] if args.quick else None
