@@ -64,7 +64,6 @@ def setting(args, name: str, layout: str, size: int | None = None, **architectur
 
 
 def train_step(model, images, labels, compiled: bool):
-    """A function running one training step of `model` on the batch, with its own optimizer."""
     device = images.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
@@ -81,7 +80,6 @@ def train_step(model, images, labels, compiled: bool):
 
 
 def inference_step(model, images):
-    """A function computing the logits of the batch in eval mode, without autograd."""
     model.eval()
 
     def step():
@@ -215,8 +213,8 @@ def worker_rates(files: list[Path], repeats: int = 2) -> dict:
 def device_rates(files: list[Path], batch_size: int, device: torch.device, repeats: int = 3) -> dict:
     """Images per second of --augment-on-device's half on `device`, per batch of batch_size JPEGs:
     decode (decode_batch: batched nvjpeg on CUDA), BatchAugment, and both."""
-    encoded = [read_encoded(files[i % len(files)]) for i in range(batch_size)]
     paths = [str(files[i % len(files)]) for i in range(batch_size)]
+    encoded = [read_encoded(path) for path in paths]
     augment = BatchAugment().to(device)
     decode = lambda: decode_batch(encoded, paths, device, None, set())[0]  # noqa: E731
     images = decode()

@@ -13,12 +13,16 @@ dev accuracy of each run), which docs/recipes.md and train_example.ipynb show.
 
 import argparse
 import csv
+import itertools
 import statistics
 import time
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 import run_training
 from cli import ArgumentParser, at_least, run
+from config import as_flags
 from training import epoch_metrics
 
 # The modern combination: what timm's train.py and the ConvNeXt paper add to AdamW + cosine +
@@ -32,15 +36,9 @@ BACKBONES = ("facenn", "convnext")
 FIELDS = ("backbone", "recipe", "seed", "epochs", "best_dev_acc", "last_dev_acc", "minutes")
 
 
-def demo_flags(epochs: int) -> list[str]:
-    """run_training.py's --demo settings as flags (data and output folders aside)."""
-    settings = {k: v for k, v in run_training.DEMO_ARGS.items() if k not in ("data_dir", "out", "overwrite")}
-    settings["epochs"] = epochs
-    return [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
-
-
 def train(data_dir: Path, out: Path, backbone: str, recipe: str, seed: int, epochs: int) -> dict:
-    argv = [f"--data-dir={data_dir}", f"--out={out}", "--overwrite", *demo_flags(epochs),
+    demo = {k: v for k, v in run_training.DEMO_ARGS.items() if k not in ("data_dir", "out")}  # --demo's, as flags
+    argv = [f"--data-dir={data_dir}", f"--out={out}", "--overwrite", *as_flags({**demo, "epochs": epochs}),
             f"--backbone={backbone}", f"--seed={seed}", *RECIPES[recipe]]
     print("python run_training.py " + " ".join(argv), flush=True)
     start = time.perf_counter()
@@ -54,21 +52,15 @@ def train(data_dir: Path, out: Path, backbone: str, recipe: str, seed: int, epoc
 
 def summary(rows: list[dict]) -> list[tuple]:
     """(backbone, recipe, mean best dev accuracy, the seeds' values) for each pair, in run order."""
-    pairs = list(dict.fromkeys((row["backbone"], row["recipe"]) for row in rows))
-    table = []
-    for backbone, recipe in pairs:
-        values = [row["best_dev_acc"] for row in rows if (row["backbone"], row["recipe"]) == (backbone, recipe)]
-        table.append((backbone, recipe, statistics.mean(values), values))
-    return table
+    seeds = {}
+    for row in rows:
+        seeds.setdefault((row["backbone"], row["recipe"]), []).append(row["best_dev_acc"])
+    return [(backbone, recipe, statistics.mean(values), values) for (backbone, recipe), values in seeds.items()]
 
 
 def plot(rows: list[dict], out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4))
+    fig = Figure(figsize=(12, 4))
+    curves, bars = fig.subplots(1, 2)
     table = summary(rows)
     colours = {(backbone, recipe): f"C{i}" for i, (backbone, recipe, _, _) in enumerate(table)}
     for row in rows:
@@ -86,7 +78,6 @@ def plot(rows: list[dict], out_png: Path) -> None:
     bars.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -109,13 +100,11 @@ def main(argv=None) -> int:
     with open(args.results / f"{args.name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for backbone in args.backbones:
-            for seed in args.seeds:
-                for recipe in args.recipes:
-                    out = args.runs / f"{backbone}-{recipe}-seed{seed}"
-                    rows.append(train(args.data_dir, out, backbone, recipe, seed, args.epochs))
-                    writer.writerow(rows[-1])
-                    f.flush()
+        for backbone, seed, recipe in itertools.product(args.backbones, args.seeds, args.recipes):
+            out = args.runs / f"{backbone}-{recipe}-seed{seed}"
+            rows.append(train(args.data_dir, out, backbone, recipe, seed, args.epochs))
+            writer.writerow(rows[-1])
+            f.flush()
     plot(rows, args.results / f"{args.name}.png")
     for backbone, recipe, mean, values in summary(rows):
         seeds = ", ".join(f"{value:.4f}" for value in values)

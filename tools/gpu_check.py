@@ -136,7 +136,6 @@ def slug(name: str) -> str:
 
 
 def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the step's whole process group, then SIGKILL to what is left of it after 10 s."""
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=10)
@@ -188,7 +187,7 @@ def bench(check: Check) -> None:
 def synthetic_faces(check: Check) -> Path | None:
     data = check.work / "faces"
     argv = ["synthetic_faces.py", "--out", str(data), "--test-per-identity", "0",
-            *[f"--{k.replace('_', '-')}={v}" for k, v in check.settings["faces"].items()]]
+            *config.as_flags(check.settings["faces"])]
     status, _ = check.run("synthetic faces", argv, check.settings["faces_s"])
     return data if status == "ok" else None
 

@@ -13,14 +13,12 @@ finished. The recipe ablation that chose `--preset small` is docs/realfaces.md.
 """
 
 import argparse
-import io
 import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
-from contextlib import redirect_stderr
 from datetime import datetime, timezone
 from importlib.util import find_spec
 from pathlib import Path
@@ -74,19 +72,12 @@ EIGENFACES = dict(components=150, C=(1, 10, 100, 1000), gamma=(0.03, 0.1, 0.3, 1
 QUICK = dict(people=20, epochs=2, image_size=32, flags=["--widths", "8,16,24,32", "--depths", "1,1,1,1"])
 
 
-class Split(NamedTuple):
-    """A task's split, made once and shared by its rows, with the normalisation its networks train at."""
-    folder: Path
-    mean: tuple
-    std: tuple
-    counts: dict
-
-
-def prepare_split(lfw: Path, task: str, work: Path, image_size: int, people: int | None) -> Split:
+def prepare_split(lfw: Path, task: str, work: Path, image_size: int, people: int | None) -> dict:
     """data.py split of the people the task may train on, through a folder of links to their LFW
     folders (data.py split reads a folder of identity folders; the split of each person depends on
     the seed and the person alone, so it equals the split of all of LFW's images/ for those people).
-    `people` keeps the first that many by name (--quick)."""
+    `people` keeps the first that many by name (--quick). The split's counts, its folder and the
+    normalisation its networks train at: made once, shared by the task's rows."""
     settings = dict(SPLITS[task])
     # LFW's people files: `name count` lines, and lines of one number (the counts of lines or folds)
     listed = [line.split() for line in (lfw / settings.pop("people")).read_text().splitlines()]
@@ -98,32 +89,31 @@ def prepare_split(lfw: Path, task: str, work: Path, image_size: int, people: int
     folder = work / f"{task}-split"
     counts = split_identities(source, folder, **settings, link=True)
     mean, std = compute_mean_std(folder / "train", image_size=image_size)
-    return Split(folder, mean, std, counts)
+    return dict(counts, folder=folder, mean=mean, std=std)
 
 
-def network_row(args, name: str, split: Split, results: dict) -> dict:
+def network_row(args, name: str, split: dict, results: dict) -> dict:
     """run_training.main with the row's flags (fine-tuning its init_from row's best checkpoint where it
     has one), and its best checkpoint scored: identification by predict.py submit + evaluate, test
     accuracy; verification by View 1's 10-fold accuracy, ROC AUC and EER on pairs of people it never saw."""
     row, out = ROWS[name], args.work / name
-    argv = [f"--data-dir={split.folder}", f"--out={out}", "--overwrite", *row.flags, *args.after,
-            "--mean", *map(str, split.mean), "--std", *map(str, split.std)]
+    argv = [f"--data-dir={split['folder']}", f"--out={out}", "--overwrite", *row.flags, *args.after,
+            "--mean", *map(str, split["mean"]), "--std", *map(str, split["std"])]
     argv += ["--init-from", str(results[row.init_from]["checkpoint"])] if row.init_from else []
     print("python run_training.py " + shlex.join(argv), flush=True)
-    if run_training.main(argv) != 0:
-        raise SystemExit(f"run_training.py failed: {out}")
+    run_training.main(argv)
     checkpoint = out / "best.ckpt"
     if row.task == "identification":
-        predict.submit(checkpoint, split.folder / "test", out / "submission.csv", num_workers=args.workers,
+        predict.submit(checkpoint, split["folder"] / "test", out / "submission.csv", num_workers=args.workers,
                        device="cpu")
-        score = predict.score_submission(out / "submission.csv", split.folder / "test_labels.csv", checkpoint)
+        score = predict.score_submission(out / "submission.csv", split["folder"] / "test_labels.csv", checkpoint)
         return dict(accuracy=score["accuracy"])
     result = predict.verify(checkpoint, args.lfw / PAIRS, args.lfw / "images", lfw=True, num_workers=args.workers,
                             device="cpu")
     return dict(checkpoint=checkpoint, **{key: result[key] for key in ("fold_accuracy", "fold_std", "auc", "eer")})
 
 
-def eigenfaces_row(split: Split, image_size: int) -> dict:
+def eigenfaces_row(folder: Path, image_size: int) -> dict:
     """Eigenfaces (Turk and Pentland 1991) as scikit-learn's face recognition example runs them:
     each grey image a vector, PCA to 150 whitened components, an RBF SVM with C and gamma chosen on
     dev (their grid search, on the dev split rather than by cross-validation, as the networks pick
@@ -132,16 +122,16 @@ def eigenfaces_row(split: Split, image_size: int) -> dict:
     from sklearn.svm import SVC
 
     grey = v2.Compose([v2.Resize((image_size, image_size)), v2.Grayscale(), v2.ToDtype(torch.float32, scale=True)])
-    classes = identity_folders(split.folder / "train")
-    truth = predict.read_labels(split.folder / "test_labels.csv")
+    classes = identity_folders(folder / "train")
+    truth = predict.read_labels(folder / "test_labels.csv")
 
     def vectors(dataset, label):
         items = [dataset[i] for i in range(len(dataset))]
         return np.stack([image.flatten().numpy() for image, _ in items]), np.array([label(key) for _, key in items])
 
-    x_train, y_train = vectors(FaceFolder(split.folder / "train", classes, grey), int)
-    x_dev, y_dev = vectors(FaceFolder(split.folder / "dev", classes, grey), int)
-    x_test, y_test = vectors(TestImages(split.folder / "test", grey), lambda name: classes.index(truth[name]))
+    x_train, y_train = vectors(FaceFolder(folder / "train", classes, grey), int)
+    x_dev, y_dev = vectors(FaceFolder(folder / "dev", classes, grey), int)
+    x_test, y_test = vectors(TestImages(folder / "test", grey), lambda name: classes.index(truth[name]))
     pca = PCA(min(EIGENFACES["components"], *x_train.shape), whiten=True, svd_solver="randomized", random_state=0)
     x_train, x_dev, x_test = pca.fit_transform(x_train), pca.transform(x_dev), pca.transform(x_test)
     scale = 1 / (x_train.shape[1] * x_train.var())
@@ -149,20 +139,6 @@ def eigenfaces_row(split: Split, image_size: int) -> dict:
             for c in EIGENFACES["C"] for g in EIGENFACES["gamma"]}
     c, g = max(svms, key=lambda key: svms[key].score(x_dev, y_dev))  # the first of equals: the smallest C and gamma
     return dict(accuracy=svms[c, g].score(x_test, y_test), C=c, gamma=g, image_size=image_size)
-
-
-def missing(name: str) -> str | None:
-    """Why a row cannot run here (a flag run_training.py refuses, a package this checkout lacks), or
-    None: asked of run_training's own parsing, so a row waits for the flag it needs rather than failing."""
-    flags = ROWS[name].flags
-    if flags is None:
-        return None if find_spec("sklearn") else "needs scikit-learn (pip install -r requirements.txt)"
-    with redirect_stderr(io.StringIO()) as said:
-        try:
-            run_training.parse_args(flags)
-        except SystemExit:
-            return "run_training.py: " + said.getvalue().strip().removeprefix("error: ").partition(" (see ")[0]
-    return None
 
 
 def measured(function, *args, **kwargs) -> dict:
@@ -179,15 +155,15 @@ def measure(args, write) -> dict:
     splits, results = {}, {}
     for name in [name for name in ROWS if name in args.rows]:
         task = ROWS[name].task
-        if reason := missing(name):
-            results[name] = f"not available: {reason}"
+        if ROWS[name].flags is None and not find_spec("sklearn"):  # eigenfaces
+            results[name] = "not available: needs scikit-learn (pip install -r requirements.txt)"
         else:
             if task not in splits:
                 people = QUICK["people"] if args.quick else None
                 splits[task] = prepare_split(args.lfw, task, args.work, args.image_size, people)
                 write(results, splits)
             if ROWS[name].flags is None:
-                results[name] = measured(eigenfaces_row, splits[task], args.image_size)
+                results[name] = measured(eigenfaces_row, splits[task]["folder"], args.image_size)
             else:
                 results[name] = measured(network_row, args, name, splits[task], results)
         write(results, splits)
@@ -260,9 +236,9 @@ def markdown(args, argv: list[str], results: dict, splits: dict) -> str:
     ]
     for task, headers in HEADERS.items():
         split = splits.get(task)
-        about = (f": {split.counts['identities']:,} people; {split.counts['train']:,} train, "
-                 f"{split.counts['dev']:,} dev, {split.counts['test']:,} test images; mean {fmt(split.mean)}, "
-                 f"std {fmt(split.std)}" if split else "")
+        about = (f": {split['identities']:,} people; {split['train']:,} train, "
+                 f"{split['dev']:,} dev, {split['test']:,} test images; mean {fmt(split['mean'])}, "
+                 f"std {fmt(split['std'])}" if split else "")
         lines += ["", TASK_TEXT[task].format(split=about), "",
                   "| row | what | " + " | ".join(headers) + " |", "|---" * (len(headers) + 2) + "|"]
         for name in [name for name in ROWS if ROWS[name].task == task]:  # all of them: what is left shows
