@@ -721,10 +721,11 @@ def flat_test_names(splits: dict) -> dict[Path, str]:
     shared = len(set(names)) < len(names)  # decided on all images, so it does not change with the seed
     test = {path: f"{identity}_{path.name}" if shared else path.name
             for identity, paths in splits["test"].items() for path in paths}
-    if len(set(test.values())) < len(test):
-        first, second = sorted(test, key=test.get)[:2]
-        raise DataError(f"{second}: test name {test[second]} is also {first}'s "
-                        "(expected unique file names: rename one)")
+    by_name = sorted(test, key=test.get)
+    for first, second in zip(by_name, by_name[1:]):
+        if test[first] == test[second]:
+            raise DataError(f"{second}: test name {test[second]} is also {first}'s "
+                            "(expected unique file names: rename one)")
     return test
 
 
