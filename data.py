@@ -11,6 +11,7 @@ SRC DIR` lays out a folder of identity folders (SRC/<person>/*.jpg) as above, wi
 """
 
 import csv
+import functools
 import io
 import math
 import os
@@ -49,22 +50,17 @@ class DataError(UserError):
     """A problem with the user's data, told in one line naming the path and what was expected."""
 
 
-class CentreCrop(torch.nn.Module):
+def centre_crop(image: torch.Tensor, fraction: float) -> torch.Tensor:
     """Keeps the centre `fraction` of each side: a face crop that still holds background (LFW's
     150 px cuts) gives the face more of the network's few pixels."""
-
-    def __init__(self, fraction: float):
-        super().__init__()
-        self.fraction = fraction
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        return v2.functional.center_crop(image, [round(height * self.fraction), round(width * self.fraction)])
+    height, width = image.shape[-2:]
+    return v2.functional.center_crop(image, [round(height * fraction), round(width * fraction)])
 
 
 def _resize(image_size: int | None, crop: float = 1.0) -> list:
     """The geometry every transform shares: the centre crop (1: none), then the resize."""
-    return ([CentreCrop(crop)] if crop < 1 else []) + ([v2.Resize((image_size, image_size))] if image_size else [])
+    cropped = [functools.partial(centre_crop, fraction=crop)] if crop < 1 else []
+    return cropped + ([v2.Resize((image_size, image_size))] if image_size else [])
 
 
 AUTO_AUGMENT = {"none": None, "trivial": v2.TrivialAugmentWide, "rand": v2.RandAugment}
