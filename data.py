@@ -231,7 +231,9 @@ def decode_image(data: bytes, keep_jpeg: bool = False) -> torch.Tensor:
     through torchvision.io (libjpeg-turbo, as PIL, but faster), other formats through PIL; 16-bit
     grayscale keeps its top 8 bits (PIL's RGB conversion clips it to white), 32-bit integer and float
     pixels, with no defined range, raise a ValueError. Truncated data raises OSError, never pads with
-    grey. keep_jpeg: an RGB or grayscale JPEG stays encoded, a 1-D uint8 tensor of its bytes."""
+    grey. keep_jpeg: an RGB or grayscale JPEG stays encoded, a 1-D uint8 tensor of its bytes (its header
+    read, so that a file that is no image, or over the size limit, fails here); a CMYK one, whose colours
+    nvjpeg need not convert as libjpeg does, is decoded."""
     header = read_header(data)
     if header.format == "JPEG":
         jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -414,9 +416,7 @@ def collate_same_size(batch):
 
 
 def read_encoded(path) -> torch.Tensor:
-    """For decoding on the device: a JPEG's bytes, once its header is read (a file that is no JPEG, or
-    over the size limit, fails here); any other image, and a CMYK JPEG (whose colours nvjpeg need not
-    convert as libjpeg does), decoded on the CPU as load_image does."""
+    """load_image for decoding on the device: a JPEG stays encoded (see decode_image's keep_jpeg)."""
     return decode_image(Path(path).read_bytes(), keep_jpeg=True)
 
 
