@@ -483,7 +483,7 @@ class FaceDataModule(L.LightningDataModule):
 
     full: train on train + dev (dev when it exists; the seed's final run) with no validation.
     subset_classes=N: the first N identities (sorted), with all their images, for prototyping.
-    num_workers=None: min(8, CPUs); pin_memory=None: with CUDA. augment_on_device: the workers only
+    num_workers=None: min(8, CPUs); memory is pinned with CUDA. augment_on_device: the workers only
     read the train JPEGs' bytes; each batch is decoded, resized and augmented (BatchAugment) where the
     model is, so a few CPU workers keep a GPU fed; files that fail there are listed in `skipped`.
     auto_augment, random_erasing: see train_transform (the CPU's, so not with augment_on_device).
@@ -491,16 +491,14 @@ class FaceDataModule(L.LightningDataModule):
 
     def __init__(self, data_dir="data", batch_size: int = 256, num_workers: int | None = None,
                  image_size: int | None = None, subset_classes: int | None = None, full: bool = False,
-                 mean=KAGGLE_MEAN, std=KAGGLE_STD, pin_memory: bool | None = None, augment_on_device: bool = False,
-                 seed: int = 0, auto_augment: str = "none", random_erasing: float = 0.0, crop: float = 1.0,
-                 rotation: float = 30):
+                 mean=KAGGLE_MEAN, std=KAGGLE_STD, augment_on_device: bool = False, seed: int = 0,
+                 auto_augment: str = "none", random_erasing: float = 0.0, crop: float = 1.0, rotation: float = 30):
         super().__init__()
         data_dir = str(data_dir)  # saved as text: a Path would stop torch.load(weights_only=True) resuming
         # the input's size and normalisation are the model's, saved with it (predict.py reads them there)
         self.save_hyperparameters(ignore=["image_size", "crop", "mean", "std"])
         self.image_size, self.crop, self.mean, self.std = image_size, crop, tuple(mean), tuple(std)
         self.num_workers = DEFAULT_WORKERS if num_workers is None else num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.class_names: list[str] = []
         self.train_dataset = self.val_dataset = self.test_dataset = None
         self.batch_augment = BatchAugment(mean, std, rotation) if augment_on_device else None
@@ -558,7 +556,7 @@ class FaceDataModule(L.LightningDataModule):
     def _loader(self, dataset, sampler=None, drop_last: bool = False, collate_fn=collate_same_size) -> DataLoader:
         workers_seed = torch.Generator().manual_seed(self.hparams.seed)  # not the global random state
         return DataLoader(dataset, self.hparams.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=collate_fn, pin_memory=self.pin_memory, drop_last=drop_last,
+                          collate_fn=collate_fn, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                           generator=workers_seed, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
