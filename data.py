@@ -5,7 +5,6 @@ Layout (Kaggle 11-785-f23-hw2p2-classification, and what synthetic_faces.py writ
     DIR/dev/<identity>/*.jpg     labelled by the same indices, matched by folder name
     DIR/test/*.jpg               unlabelled (flat, or one level of subfolders)
 
-Problems with the data are a DataError: one line naming the path and what was expected.
 `python data.py stats DIR/train` measures another set's normalisation mean/std; `python data.py split
 SRC DIR` lays out a folder of identity folders (SRC/<person>/*.jpg) as above, with DIR/test_labels.csv.
 """
