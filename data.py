@@ -5,12 +5,12 @@ Layout (Kaggle 11-785-f23-hw2p2-classification, and what synthetic_faces.py writ
     DIR/dev/<identity>/*.jpg     labelled by the same indices, matched by folder name
     DIR/test/*.jpg               unlabelled (flat, or one level of subfolders)
 
-Problems with the data are a DataError: one line naming the path and what was expected.
 `python data.py stats DIR/train` measures another set's normalisation mean/std; `python data.py split
 SRC DIR` lays out a folder of identity folders (SRC/<person>/*.jpg) as above, with DIR/test_labels.csv.
 """
 
 import csv
+import functools
 import io
 import math
 import os
@@ -49,22 +49,17 @@ class DataError(UserError):
     """A problem with the user's data, told in one line naming the path and what was expected."""
 
 
-class CentreCrop(torch.nn.Module):
+def centre_crop(image: torch.Tensor, fraction: float) -> torch.Tensor:
     """Keeps the centre `fraction` of each side: a face crop that still holds background (LFW's
     150 px cuts) gives the face more of the network's few pixels."""
-
-    def __init__(self, fraction: float):
-        super().__init__()
-        self.fraction = fraction
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        return v2.functional.center_crop(image, [round(height * self.fraction), round(width * self.fraction)])
+    height, width = image.shape[-2:]
+    return v2.functional.center_crop(image, [round(height * fraction), round(width * fraction)])
 
 
 def _resize(image_size: int | None, crop: float = 1.0) -> list:
     """The geometry every transform shares: the centre crop (1: none), then the resize."""
-    return ([CentreCrop(crop)] if crop < 1 else []) + ([v2.Resize((image_size, image_size))] if image_size else [])
+    cropped = [functools.partial(centre_crop, fraction=crop)] if crop < 1 else []
+    return cropped + ([v2.Resize((image_size, image_size))] if image_size else [])
 
 
 AUTO_AUGMENT = {"none": None, "trivial": v2.TrivialAugmentWide, "rand": v2.RandAugment}
@@ -235,7 +230,9 @@ def decode_image(data: bytes, keep_jpeg: bool = False) -> torch.Tensor:
     through torchvision.io (libjpeg-turbo, as PIL, but faster), other formats through PIL; 16-bit
     grayscale keeps its top 8 bits (PIL's RGB conversion clips it to white), 32-bit integer and float
     pixels, with no defined range, raise a ValueError. Truncated data raises OSError, never pads with
-    grey. keep_jpeg: an RGB or grayscale JPEG stays encoded, a 1-D uint8 tensor of its bytes."""
+    grey. keep_jpeg: an RGB or grayscale JPEG stays encoded, a 1-D uint8 tensor of its bytes (its header
+    read, so that a file that is no image, or over the size limit, fails here); a CMYK one, whose colours
+    nvjpeg need not convert as libjpeg does, is decoded."""
     header = read_header(data)
     if header.format == "JPEG":
         jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -418,9 +415,7 @@ def collate_same_size(batch):
 
 
 def read_encoded(path) -> torch.Tensor:
-    """For decoding on the device: a JPEG's bytes, once its header is read (a file that is no JPEG, or
-    over the size limit, fails here); any other image, and a CMYK JPEG (whose colours nvjpeg need not
-    convert as libjpeg does), decoded on the CPU as load_image does."""
+    """load_image for decoding on the device: a JPEG stays encoded (see decode_image's keep_jpeg)."""
     return decode_image(Path(path).read_bytes(), keep_jpeg=True)
 
 
@@ -487,7 +482,7 @@ class FaceDataModule(L.LightningDataModule):
 
     full: train on train + dev (dev when it exists; the seed's final run) with no validation.
     subset_classes=N: the first N identities (sorted), with all their images, for prototyping.
-    num_workers=None: min(8, CPUs); pin_memory=None: with CUDA. augment_on_device: the workers only
+    num_workers=None: min(8, CPUs); memory is pinned with CUDA. augment_on_device: the workers only
     read the train JPEGs' bytes; each batch is decoded, resized and augmented (BatchAugment) where the
     model is, so a few CPU workers keep a GPU fed; files that fail there are listed in `skipped`.
     auto_augment, random_erasing: see train_transform (the CPU's, so not with augment_on_device).
@@ -495,16 +490,14 @@ class FaceDataModule(L.LightningDataModule):
 
     def __init__(self, data_dir="data", batch_size: int = 256, num_workers: int | None = None,
                  image_size: int | None = None, subset_classes: int | None = None, full: bool = False,
-                 mean=KAGGLE_MEAN, std=KAGGLE_STD, pin_memory: bool | None = None, augment_on_device: bool = False,
-                 seed: int = 0, auto_augment: str = "none", random_erasing: float = 0.0, crop: float = 1.0,
-                 rotation: float = 30):
+                 mean=KAGGLE_MEAN, std=KAGGLE_STD, augment_on_device: bool = False, seed: int = 0,
+                 auto_augment: str = "none", random_erasing: float = 0.0, crop: float = 1.0, rotation: float = 30):
         super().__init__()
         data_dir = str(data_dir)  # saved as text: a Path would stop torch.load(weights_only=True) resuming
         # the input's size and normalisation are the model's, saved with it (predict.py reads them there)
         self.save_hyperparameters(ignore=["image_size", "crop", "mean", "std"])
         self.image_size, self.crop, self.mean, self.std = image_size, crop, tuple(mean), tuple(std)
         self.num_workers = DEFAULT_WORKERS if num_workers is None else num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.class_names: list[str] = []
         self.train_dataset = self.val_dataset = self.test_dataset = None
         self.batch_augment = BatchAugment(mean, std, rotation) if augment_on_device else None
@@ -562,7 +555,7 @@ class FaceDataModule(L.LightningDataModule):
     def _loader(self, dataset, sampler=None, drop_last: bool = False, collate_fn=collate_same_size) -> DataLoader:
         workers_seed = torch.Generator().manual_seed(self.hparams.seed)  # not the global random state
         return DataLoader(dataset, self.hparams.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=collate_fn, pin_memory=self.pin_memory, drop_last=drop_last,
+                          collate_fn=collate_fn, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                           generator=workers_seed, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
@@ -721,10 +714,11 @@ def flat_test_names(splits: dict) -> dict[Path, str]:
     shared = len(set(names)) < len(names)  # decided on all images, so it does not change with the seed
     test = {path: f"{identity}_{path.name}" if shared else path.name
             for identity, paths in splits["test"].items() for path in paths}
-    if len(set(test.values())) < len(test):
-        first, second = sorted(test, key=test.get)[:2]
-        raise DataError(f"{second}: test name {test[second]} is also {first}'s "
-                        "(expected unique file names: rename one)")
+    by_name = sorted(test, key=test.get)
+    for first, second in zip(by_name, by_name[1:]):
+        if test[first] == test[second]:
+            raise DataError(f"{second}: test name {test[second]} is also {first}'s "
+                            "(expected unique file names: rename one)")
     return test
 
 

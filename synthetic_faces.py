@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from argparse import SUPPRESS
@@ -41,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from cli import ArgumentParser
+from cli import ArgumentParser, UserError, run
 
 MARKER = ".synthetic_faces.json"
 FORMAT_VERSION = 2  # bump whenever the drawing changes, so that old sets are not taken for new ones
@@ -500,11 +499,10 @@ def main(argv=None):
     try:
         counts = generate(**vars(args))
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(error) from error
     summary = ", ".join(f"{v} {k}" for k, v in counts.items())
     print(f"{args.out_dir}: {summary} ({time.perf_counter() - start:.1f}s)")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

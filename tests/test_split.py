@@ -151,6 +151,15 @@ def test_test_labels_name_every_test_image_and_clashing_names_get_the_identity(t
     assert all("_" not in name for name in listing(tmp_path / "clash")["train"])  # train and dev keep their names
 
 
+def test_two_test_images_still_named_alike_after_the_prefix_are_named_in_the_error():
+    a, a_b = Path("src/a"), Path("src/a_b")  # a/b_c.jpg and a_b/c.jpg both become a_b_c.jpg
+    test = {"a": [a / "0.jpg", a / "b_c.jpg"], "a_b": [a_b / "0.jpg", a_b / "c.jpg"]}
+    with pytest.raises(data.DataError) as error:
+        data.flat_test_names({"train": test, "dev": {}, "test": test})
+    assert str(error.value) == (f"{a_b / 'c.jpg'}: test name a_b_c.jpg is also {a / 'b_c.jpg'}'s "
+                                "(expected unique file names: rename one)")
+
+
 def test_link_makes_symlinks_to_the_source_images(src, tmp_path):
     split_identities(src, tmp_path / "out", link=True)
     files = [p for p in (tmp_path / "out").rglob("*.jpg")]
