@@ -303,18 +303,20 @@ def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, 
     return dict(images=len(labels), top1=top1, top5=top5)
 
 
-def score_submission(submission, labels, checkpoint=None, label_names=False) -> dict:
+def score_submission(submission, labels, checkpoint=None, label_names=False, open_set=False) -> dict:
     """Accuracy of a submission against ground truth whose labels are identity names. The
     submission's labels are class indices, which the checkpoint's class names map (what `submit`
     writes), or with label_names=True identity names (`submit --label-names`): decided once for the
-    whole file, never guessed from the values (identity folders may be numbers)."""
+    whole file, never guessed from the values (identity folders may be numbers). With open_set, the
+    submission is identify's (identity names, NO_MATCH for none of the known): also how often it
+    said NO_MATCH of the unknown faces and of the known ones."""
     truth, predicted = read_submission(submission, labels)
     names = read_checkpoint(checkpoint)["class_names"] if checkpoint else None
     if names:
         unknown = sorted(set(truth.values()) - set(names))
         if unknown:
             raise DataError(f"{labels}: identity {unknown[0]} unknown to {checkpoint} ({len(unknown)} such)")
-    if not label_names:
+    if not (label_names or open_set):
         if names is None:
             raise DataError(f"{submission}: its labels are class indices, as submit writes them: pass --checkpoint "
                             "to map them to identity names (or --label-names if they are names)")
@@ -324,18 +326,13 @@ def score_submission(submission, labels, checkpoint=None, label_names=False) -> 
                             f"(0 to {len(names) - 1}; --label-names if the labels are identity names)")
         predicted = {key: indices[value] for key, value in predicted.items()}
     correct = sum(predicted[key] == label for key, label in truth.items())
-    return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth))
-
-
-def score_identification(submission, labels) -> dict:
-    """Open-set accuracy of an identification submission (labels are identity names, NO_MATCH for
-    none of the known), and how often it said NO_MATCH of the unknown faces and of the known ones."""
-    truth, predicted = read_submission(submission, labels)
-    unknown = {key for key, label in truth.items() if label == NO_MATCH}
-    said_unknown = {key for key, label in predicted.items() if label == NO_MATCH}
-    correct = sum(predicted[key] == label for key, label in truth.items())
-    return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth), unknown=len(unknown),
-                unknown_said_unknown=len(unknown & said_unknown), known_said_unknown=len(said_unknown - unknown))
+    result = dict(rows=len(truth), correct=correct, accuracy=correct / len(truth))
+    if open_set:
+        unknown = {key for key, label in truth.items() if label == NO_MATCH}
+        said_unknown = {key for key, label in predicted.items() if label == NO_MATCH}
+        result.update(unknown=len(unknown), unknown_said_unknown=len(unknown & said_unknown),
+                      known_said_unknown=len(said_unknown - unknown))
+    return result
 
 
 def embed(checkpoint, images, out, batch_size=256, num_workers=DEFAULT_WORKERS, device="auto") -> dict:
@@ -609,7 +606,7 @@ def main(argv=None) -> int:
         result = evaluate(args.checkpoint, args.data_dir, tta=args.tta, **loading)
         print(f"{args.data_dir}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on {result['images']} images")
     elif args.command == "evaluate" and args.open_set:
-        result = score_identification(args.submission, args.labels)
+        result = score_submission(args.submission, args.labels, open_set=True)
         print(f"{args.submission}: open-set accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']}); "
               f"said {NO_MATCH} of {result['unknown_said_unknown']}/{result['unknown']} unknown faces "
               f"and of {result['known_said_unknown']}/{result['rows'] - result['unknown']} known ones")
