@@ -231,12 +231,10 @@ def read_lfw_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]
         raise DataError(f"{path}: {len(lines) - 1} pairs after line 1 (expected {count}: line 1 is {lines[0]!r})")
     if folds < 2:
         raise DataError(f"{path}: 1 fold (expected 2 or more, to choose each fold's threshold on the others)")
-    pairs, same, fold = [], np.zeros(count, dtype=bool), np.zeros(count, dtype=int)
+    index = np.arange(count)
+    fold, same = (index // (2 * n), index % (2 * n) < n) if len(head) == 2 else (index % n * folds // n, index < n)
+    pairs = []
     for t, line in enumerate(lines[1:]):
-        if len(head) == 2:
-            fold[t], same[t] = t // (2 * n), t % (2 * n) < n
-        else:
-            fold[t], same[t] = t % n * folds // n, t < n
         fields = line.split()
         kind, shape = ("same", "name i j") if same[t] else ("different", "name1 i name2 j")
         if len(fields) != len(shape.split()):
