@@ -110,10 +110,11 @@ def quiet_lightning():
         logger.setLevel(level)
 
 
-def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, names_out=None, tta=False):
-    """(embeddings, file names, images per second) of every image under images_dir, sorted by name;
-    `names_out`, the file the names are to go to, one a line (checked before the work)."""
-    images = TestImages(images_dir, model_transform(model))
+def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, names_out=None, tta=False, paths=None):
+    """(embeddings, file names, images per second) of every image under images_dir, sorted by name, or
+    of `paths` in it (find_images); `names_out`, the file the names are to go to, one a line (checked
+    before the work)."""
+    images = TestImages(images_dir, model_transform(model), paths=paths)
     if names_out is not None:
         check_text([path.name for path in images.paths], names_out, lines=True)
     return run_model(model, images, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers,
@@ -192,16 +193,17 @@ def read_labels(path) -> dict[str, str]:
     return labels
 
 
-def read_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray | None]:
-    """(pairs, same or None) of a CSV img1,img2[,same]: `same` where the header has the column."""
+def read_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray | None, None]:
+    """(pairs, same, folds: None) of a CSV img1,img2[,same]; `same` None unless the header has the column."""
     header, rows = read_csv(path, ("img1", "img2"))
     if not rows:
         raise DataError(f"{path}: no pairs (expected rows img1,img2[,same])")
+    pairs = [(row[0], row[1]) for row in rows]
     if header[2:3] != ["same"]:
-        return [(row[0], row[1]) for row in rows], None
+        return pairs, None, None
     if bad := [row[2] for row in rows if len(row) < 3 or row[2] not in ("0", "1")]:
         raise DataError(f"{path}: 'same' is {bad[0]!r} (expected 0 or 1 in every row)")
-    return [(row[0], row[1]) for row in rows], np.array([row[2] == "1" for row in rows])
+    return pairs, np.array([row[2] == "1" for row in rows]), None
 
 
 def read_lfw_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
@@ -436,10 +438,7 @@ def verify(checkpoint, pairs, images, out=None, roc=None, lfw=False, tta=False, 
     `roc`, the ROC curve as a PNG; for LFW the fold accuracy. Only the images the pairs name are
     read, and all of them are checked before the model is loaded. tta averages each image's
     embedding with its mirror image's."""
-    if lfw:
-        rows, same, folds = read_lfw_pairs(pairs)
-    else:
-        (rows, same), folds = read_pairs(pairs), None
+    rows, same, folds = (read_lfw_pairs if lfw else read_pairs)(pairs)
     check_outputs({"--out": out, "--roc": roc},
                   {"--checkpoint": checkpoint, "--lfw-pairs" if lfw else "--pairs": pairs, "--images": images})
     if same is None and (roc or not out):
@@ -449,9 +448,7 @@ def verify(checkpoint, pairs, images, out=None, roc=None, lfw=False, tta=False, 
     names = list(dict.fromkeys(name for row in rows for name in row))
     paths = find_images(images, names, pairs)
     model = load_model(checkpoint, device)
-    dataset = TestImages(images, model_transform(model), paths=paths)
-    embeddings, _, _ = run_model(model, dataset, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers,
-                                 desc="embedding")
+    embeddings, _, _ = embed_images(model, images, batch_size, num_workers, tta=tta, paths=paths)
     index = {name: i for i, name in enumerate(names)}
     first, second = (embeddings[[index[row[k]] for row in rows]] for k in (0, 1))
     scores = (first * second).sum(1).numpy()
