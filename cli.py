@@ -29,8 +29,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def at_least(minimum, kind=int):
-    """An argparse type that refuses values below `minimum`, and NaN or infinity."""
+def at_least(minimum, kind=int, below=math.inf):
+    """An argparse type that refuses values below `minimum` or from `below` up, and NaN or infinity."""
 
     def parse(text):
         value = kind(text)
@@ -38,6 +38,8 @@ def at_least(minimum, kind=int):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        if value >= below:
+            raise argparse.ArgumentTypeError(f"must be < {below}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'abc'"

@@ -42,13 +42,6 @@ def int_list(text):
     return values
 
 
-def below_one(text):
-    value = at_least(0.0, float)(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be < 1, got {text}")
-    return value
-
-
 def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -76,7 +69,7 @@ class Data:
     auto_augment: str = flag("none", "add TrivialAugmentWide (trivial) or RandAugment (rand) to the CPU train "
                              "transform", choices=tuple(AUTO_AUGMENT))
     random_erasing: float = flag(0.0, "chance of blanking a random box of each train image (CPU transform)",
-                                 type=below_one, metavar="P")
+                                 type=at_least(0.0, float, below=1), metavar="P")
 
     def cpu_augmentation(self) -> bool:
         """Whether the run asks for steps that only the CPU train transform has."""
@@ -92,7 +85,7 @@ class Architecture:
     widths: tuple | None = flag(None, "comma-separated stage widths (default 80,160,320,640)", type=int_list)
     depths: tuple | None = flag(None, "comma-separated stage depths (default 2,2,6,2)", type=int_list)
     drop_path: float = flag(0.0, "stochastic depth: the last block's chance of skipping its branch, linear from 0 over "
-                            "the blocks", type=below_one, metavar="RATE")
+                            "the blocks", type=at_least(0.0, float, below=1), metavar="RATE")
     norm: str = flag("batch", "the ConvNeXt blocks' norm: BatchNorm (the original's) or ConvNeXt's channel LayerNorm",
                      choices=("batch", "layer"))
     norm_position: str = flag("after_dwconv", "where the blocks' norm sits: after the depthwise conv (the original's "
@@ -133,7 +126,7 @@ class Recipe:
                                type=at_least(0.0, float), metavar="A")
     ema: float | None = flag(None, "validate, checkpoint and finish with an exponential moving average of the weights, "
                              "updated every step (horizon ~1/(1-DECAY) steps: 0.999 for the Kaggle set, 0.99 for the "
-                             "demo)", type=below_one, metavar="DECAY")
+                             "demo)", type=at_least(0.0, float, below=1), metavar="DECAY")
     patience: int = flag(20, "early stopping on dev loss", type=at_least(1))
 
     def model(self) -> dict:

@@ -110,10 +110,11 @@ def quiet_lightning():
         logger.setLevel(level)
 
 
-def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, names_out=None, tta=False):
-    """(embeddings, file names, images per second) of every image under images_dir, sorted by name;
-    `names_out`, the file the names are to go to, one a line (checked before the work)."""
-    images = TestImages(images_dir, model_transform(model))
+def embed_images(model, images_dir, batch_size=256, num_workers=DEFAULT_WORKERS, names_out=None, tta=False, paths=None):
+    """(embeddings, file names, images per second) of every image under images_dir, sorted by name, or
+    of `paths` in it (find_images); `names_out`, the file the names are to go to, one a line (checked
+    before the work)."""
+    images = TestImages(images_dir, model_transform(model), paths=paths)
     if names_out is not None:
         check_text([path.name for path in images.paths], names_out, lines=True)
     return run_model(model, images, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers,
@@ -192,16 +193,17 @@ def read_labels(path) -> dict[str, str]:
     return labels
 
 
-def read_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray | None]:
-    """(pairs, same or None) of a CSV img1,img2[,same]: `same` where the header has the column."""
+def read_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray | None, None]:
+    """(pairs, same, folds: None) of a CSV img1,img2[,same]; `same` None unless the header has the column."""
     header, rows = read_csv(path, ("img1", "img2"))
     if not rows:
         raise DataError(f"{path}: no pairs (expected rows img1,img2[,same])")
+    pairs = [(row[0], row[1]) for row in rows]
     if header[2:3] != ["same"]:
-        return [(row[0], row[1]) for row in rows], None
+        return pairs, None, None
     if bad := [row[2] for row in rows if len(row) < 3 or row[2] not in ("0", "1")]:
         raise DataError(f"{path}: 'same' is {bad[0]!r} (expected 0 or 1 in every row)")
-    return [(row[0], row[1]) for row in rows], np.array([row[2] == "1" for row in rows])
+    return pairs, np.array([row[2] == "1" for row in rows]), None
 
 
 def read_lfw_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
@@ -231,12 +233,10 @@ def read_lfw_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]
         raise DataError(f"{path}: {len(lines) - 1} pairs after line 1 (expected {count}: line 1 is {lines[0]!r})")
     if folds < 2:
         raise DataError(f"{path}: 1 fold (expected 2 or more, to choose each fold's threshold on the others)")
-    pairs, same, fold = [], np.zeros(count, dtype=bool), np.zeros(count, dtype=int)
+    index = np.arange(count)
+    fold, same = (index // (2 * n), index % (2 * n) < n) if len(head) == 2 else (index % n * folds // n, index < n)
+    pairs = []
     for t, line in enumerate(lines[1:]):
-        if len(head) == 2:
-            fold[t], same[t] = t // (2 * n), t % (2 * n) < n
-        else:
-            fold[t], same[t] = t % n * folds // n, t < n
         fields = line.split()
         kind, shape = ("same", "name i j") if same[t] else ("different", "name1 i name2 j")
         if len(fields) != len(shape.split()):
@@ -303,18 +303,20 @@ def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, 
     return dict(images=len(labels), top1=top1, top5=top5)
 
 
-def score_submission(submission, labels, checkpoint=None, label_names=False) -> dict:
+def score_submission(submission, labels, checkpoint=None, label_names=False, open_set=False) -> dict:
     """Accuracy of a submission against ground truth whose labels are identity names. The
     submission's labels are class indices, which the checkpoint's class names map (what `submit`
     writes), or with label_names=True identity names (`submit --label-names`): decided once for the
-    whole file, never guessed from the values (identity folders may be numbers)."""
+    whole file, never guessed from the values (identity folders may be numbers). With open_set, the
+    submission is identify's (identity names, NO_MATCH for none of the known): also how often it
+    said NO_MATCH of the unknown faces and of the known ones."""
     truth, predicted = read_submission(submission, labels)
     names = read_checkpoint(checkpoint)["class_names"] if checkpoint else None
     if names:
         unknown = sorted(set(truth.values()) - set(names))
         if unknown:
             raise DataError(f"{labels}: identity {unknown[0]} unknown to {checkpoint} ({len(unknown)} such)")
-    if not label_names:
+    if not (label_names or open_set):
         if names is None:
             raise DataError(f"{submission}: its labels are class indices, as submit writes them: pass --checkpoint "
                             "to map them to identity names (or --label-names if they are names)")
@@ -324,18 +326,13 @@ def score_submission(submission, labels, checkpoint=None, label_names=False) -> 
                             f"(0 to {len(names) - 1}; --label-names if the labels are identity names)")
         predicted = {key: indices[value] for key, value in predicted.items()}
     correct = sum(predicted[key] == label for key, label in truth.items())
-    return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth))
-
-
-def score_identification(submission, labels) -> dict:
-    """Open-set accuracy of an identification submission (labels are identity names, NO_MATCH for
-    none of the known), and how often it said NO_MATCH of the unknown faces and of the known ones."""
-    truth, predicted = read_submission(submission, labels)
-    unknown = {key for key, label in truth.items() if label == NO_MATCH}
-    said_unknown = {key for key, label in predicted.items() if label == NO_MATCH}
-    correct = sum(predicted[key] == label for key, label in truth.items())
-    return dict(rows=len(truth), correct=correct, accuracy=correct / len(truth), unknown=len(unknown),
-                unknown_said_unknown=len(unknown & said_unknown), known_said_unknown=len(said_unknown - unknown))
+    result = dict(rows=len(truth), correct=correct, accuracy=correct / len(truth))
+    if open_set:
+        unknown = {key for key, label in truth.items() if label == NO_MATCH}
+        said_unknown = {key for key, label in predicted.items() if label == NO_MATCH}
+        result.update(unknown=len(unknown), known=len(truth) - len(unknown),
+                      unknown_said_unknown=len(unknown & said_unknown), known_said_unknown=len(said_unknown - unknown))
+    return result
 
 
 def embed(checkpoint, images, out, batch_size=256, num_workers=DEFAULT_WORKERS, device="auto") -> dict:
@@ -441,10 +438,7 @@ def verify(checkpoint, pairs, images, out=None, roc=None, lfw=False, tta=False, 
     `roc`, the ROC curve as a PNG; for LFW the fold accuracy. Only the images the pairs name are
     read, and all of them are checked before the model is loaded. tta averages each image's
     embedding with its mirror image's."""
-    if lfw:
-        rows, same, folds = read_lfw_pairs(pairs)
-    else:
-        (rows, same), folds = read_pairs(pairs), None
+    rows, same, folds = (read_lfw_pairs if lfw else read_pairs)(pairs)
     check_outputs({"--out": out, "--roc": roc},
                   {"--checkpoint": checkpoint, "--lfw-pairs" if lfw else "--pairs": pairs, "--images": images})
     if same is None and (roc or not out):
@@ -454,9 +448,7 @@ def verify(checkpoint, pairs, images, out=None, roc=None, lfw=False, tta=False, 
     names = list(dict.fromkeys(name for row in rows for name in row))
     paths = find_images(images, names, pairs)
     model = load_model(checkpoint, device)
-    dataset = TestImages(images, model_transform(model), paths=paths)
-    embeddings, _, _ = run_model(model, dataset, embed=True, tta=tta, batch_size=batch_size, num_workers=num_workers,
-                                 desc="embedding")
+    embeddings, _, _ = embed_images(model, images, batch_size, num_workers, tta=tta, paths=paths)
     index = {name: i for i, name in enumerate(names)}
     first, second = (embeddings[[index[row[k]] for row in rows]] for k in (0, 1))
     scores = (first * second).sum(1).numpy()
@@ -608,14 +600,12 @@ def main(argv=None) -> int:
     elif args.command == "evaluate" and args.data_dir:
         result = evaluate(args.checkpoint, args.data_dir, tta=args.tta, **loading)
         print(f"{args.data_dir}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on {result['images']} images")
-    elif args.command == "evaluate" and args.open_set:
-        result = score_identification(args.submission, args.labels)
-        print(f"{args.submission}: open-set accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']}); "
-              f"said {NO_MATCH} of {result['unknown_said_unknown']}/{result['unknown']} unknown faces "
-              f"and of {result['known_said_unknown']}/{result['rows'] - result['unknown']} known ones")
     elif args.command == "evaluate":
-        result = score_submission(args.submission, args.labels, args.checkpoint, args.label_names)
-        print(f"{args.submission}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['rows']})")
+        result = score_submission(args.submission, args.labels, args.checkpoint, args.label_names, args.open_set)
+        said = (f"; said {NO_MATCH} of {result['unknown_said_unknown']}/{result['unknown']} unknown faces and of "
+                f"{result['known_said_unknown']}/{result['known']} known ones") if args.open_set else ""
+        print(f"{args.submission}: {'open-set ' if args.open_set else ''}accuracy {result['accuracy']:.4f} "
+              f"({result['correct']}/{result['rows']}){said}")
     elif args.command == "embed":
         result = embed(args.checkpoint, args.images, args.out, **loading)
         rows, width = result["shape"]

@@ -116,24 +116,29 @@ def schedule_summary(hp) -> str:
             + (f" | {', '.join(extras)}" if extras else ""))
 
 
-def checkpoint_to_resume(cfg: Config) -> Path | None:
-    """The checkpoint --resume names; refuses to write over an earlier run unless asked."""
+def resume(cfg: Config) -> tuple[Config, Resumed | None]:
+    """The run to train: a new one as configured, or the one --resume continues, with its checkpoint's
+    settings; refuses to write over an earlier run unless asked."""
     out, resume = cfg.run.out, cfg.run.resume
     earlier = sorted(out.glob("*.ckpt")) if out.is_dir() else []
-    if resume:
-        path = out / "last.ckpt" if resume == "last" else Path(resume)
-        if not path.is_file():
-            raise UserError(f"no checkpoint to resume at {path}")
-        if earlier and not any(overlaps(path, checkpoint) for checkpoint in earlier):
-            raise UserError(f"--out {out} holds another run ({earlier[0].name}): resuming {path} would write over "
-                            "it (leave out --out to continue in the checkpoint's folder, or give an empty one)")
-        return path
-    if earlier and not cfg.run.overwrite and not (cfg.run.demo and demo_run(earlier[0], cfg.data.data_dir)):
-        raise UserError(
-            f"{out} already holds a run ({earlier[0].name}); pass --resume to continue it, "
-            "--overwrite to replace it, or another --out"
-        )
-    return None
+    if not resume:
+        if earlier and not cfg.run.overwrite and not (cfg.run.demo and demo_run(earlier[0], cfg.data.data_dir)):
+            raise UserError(f"{out} already holds a run ({earlier[0].name}); pass --resume to continue it, "
+                            "--overwrite to replace it, or another --out")
+        return cfg, None
+    path = out / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise UserError(f"no checkpoint to resume at {path}")
+    if earlier and not any(overlaps(path, checkpoint) for checkpoint in earlier):
+        raise UserError(f"--out {out} holds another run ({earlier[0].name}): resuming {path} would write over "
+                        "it (leave out --out to continue in the checkpoint's folder, or give an empty one)")
+    checkpoint = read_checkpoint(path)
+    model = model_from_checkpoint(path, checkpoint)  # first: a damaged or foreign file is one line
+    cfg = config.resumed(cfg, checkpoint, path)
+    if not cfg.data.data_dir.is_dir():
+        raise DataError(f"no data directory at {cfg.data.data_dir} (where {path} was trained): pass "
+                        "--data-dir where the data is now")
+    return cfg, Resumed(path, checkpoint, model)
 
 
 def demo_run(checkpoint: Path, demo_data: Path) -> bool:
@@ -143,20 +148,6 @@ def demo_run(checkpoint: Path, demo_data: Path) -> bool:
     except UserError:
         return False
     return trained_on is not None and overlaps(Path(trained_on), demo_data)
-
-
-def resume(cfg: Config) -> tuple[Config, Resumed | None]:
-    """The run to train: a new one as configured, or the one --resume continues, with its checkpoint's settings."""
-    path = checkpoint_to_resume(cfg)
-    if path is None:
-        return cfg, None
-    checkpoint = read_checkpoint(path)
-    model = model_from_checkpoint(path, checkpoint)  # first: a damaged or foreign file is one line
-    cfg = config.resumed(cfg, checkpoint, path)
-    if not cfg.data.data_dir.is_dir():
-        raise DataError(f"no data directory at {cfg.data.data_dir} (where {path} was trained): pass "
-                        "--data-dir where the data is now")
-    return cfg, Resumed(path, checkpoint, model)
 
 
 def nothing_left(cfg: Config, data: FaceDataModule, resumed: Resumed) -> str | None:

@@ -289,7 +289,7 @@ def test_identify_and_score_the_synthetic_verification_task(verification_run, tm
     truth = read_rows(faces / "verification_test.csv")[1:]
     assert header == ["id", "label"] and [key for key, _ in rows] == [key for key, _ in truth]
     assert {label for _, label in rows} <= {p.name for p in (faces / "known").iterdir()} | {"n000000"}
-    score = predict.score_identification(tmp_path / "out.csv", faces / "verification_test.csv")
+    score = predict.score_submission(tmp_path / "out.csv", faces / "verification_test.csv", open_set=True)
     by_hand = sum(row == answer for row, answer in zip(rows, truth))
     assert score["correct"] == by_hand and score["rows"] == 14 * 3 and score["unknown"] == 2 * 3
     assert score["accuracy"] > 2 / 13, score  # 13 answers (12 identities or n000000): over twice chance
