@@ -14,6 +14,7 @@ from torchvision.models.convnext import LayerNorm2d  # over the channels of NCHW
 from torchvision.ops import StochasticDepth
 
 NORM_POSITIONS = ("after_dwconv", "before_dwconv", "after_expand")
+NORMS = {"batch": nn.BatchNorm2d, "layer": partial(LayerNorm2d, eps=1e-6)}  # for NCHW tensors
 
 
 class _ReLU6InPlace(torch.autograd.Function):
@@ -40,15 +41,6 @@ class ReLU6InPlace(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ReLU6InPlace.apply(x)
-
-
-def norm_2d(kind: str, channels: int) -> nn.Module:
-    """The norm layer named by `kind` for an NCHW tensor of `channels` channels."""
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "layer":
-        return LayerNorm2d(channels, eps=1e-6)
-    raise ValueError(f"norm must be 'batch' or 'layer', got {kind!r}")
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -87,10 +79,12 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         if norm_position not in NORM_POSITIONS:
             raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be 'batch' or 'layer', got {norm!r}")
         hidden = expansion * channels
         self.norm_position = norm_position
         self.dwconv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
-        self.norm = norm_2d(norm, hidden if norm_position == "after_expand" else channels)
+        self.norm = NORMS[norm](hidden if norm_position == "after_expand" else channels)
         self.expand = nn.Linear(channels, hidden)
         self.act = nn.GELU()
         self.project = nn.Linear(hidden, channels)
