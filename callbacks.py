@@ -33,7 +33,7 @@ class EpochSeed(L.Callback):
 
 
 class ThroughputMonitor(L.Callback):
-    """Images/s and FLOP/s (by the module's `flops_per_batch`) of training, summed over devices: per
+    """Images/s and FLOP/s (by the module's `flops_per_image`) of training, summed over devices: per
     epoch (train_img_per_s, train_flop_per_s, train_images; data loading included, validation not),
     and Lightning's rolling Throughput (train/..., such as train/device/mfu) at the steps the loggers
     write.
@@ -61,7 +61,7 @@ class ThroughputMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.batches, self.images = self.batches + 1, self.images + len(batch[1])
         self.epoch_images += len(batch[1])
-        self.unclocked_flops += pl_module.flops_per_batch or 0
+        self.unclocked_flops += (pl_module.flops_per_image or 0) * len(batch[1])
         # global_step has counted this step: the loggers write when it is a multiple, as for the loss
         logging = trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
         last = batch_idx + 1 == trainer.num_training_batches
@@ -123,7 +123,6 @@ class ResumableCSVLogger(Logger):
             csv.DictWriter(f, fieldnames=self.columns).writerow(row)
 
     def read(self) -> tuple[list[str], list[dict]]:
-        """The file's header and rows."""
         if not self.path.is_file():
             return [], []
         with open(self.path, newline="") as f:
