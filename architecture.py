@@ -52,11 +52,11 @@ class Body(nn.Module):
         blocks = sum(depths)
         rates = [drop_path * i / max(blocks - 1, 1) for i in range(blocks)]
         layers = []
-        for stage, (width, depth) in enumerate(zip(widths, depths)):
+        for width, depth, next_width in zip(widths, depths, [*widths[1:], None]):
             layers += [ConvNeXtBlock(width, drop_path=rates.pop(0), **block_options) for _ in range(depth)]
             layers.append(nn.BatchNorm2d(width))
-            if stage + 1 < len(widths):
-                layers.append(InvertedBottleneck(width, widths[stage + 1], stride=2))
+            if next_width:
+                layers.append(InvertedBottleneck(width, next_width, stride=2))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -121,14 +121,10 @@ class ConvNeXtBlock(nn.Module):
 
 
 class InvertedBottleneck(nn.Module):
-    """MobileNetV2 block: 1x1 expand -> act -> BN -> depthwise kxk (stride) -> act -> BN -> 1x1
-    project -> BN.
-
-    The seed puts each BN after its activation; that order is kept. The residual is added only
-    when the shapes allow it (stride 1 and in == out); `residual=None` decides by itself, and
-    asking for one that cannot exist is an error. With stride 2 and out = 2 * in it downsamples
-    between the stages of FaceNN.
-    """
+    """MobileNetV2's block, with each BN after its activation as the seed has it. The residual is
+    added only when the shapes allow it (stride 1 and in == out); `residual=None` decides by itself,
+    and asking for one that cannot exist is an error. With stride 2 and out = 2 * in it downsamples
+    between the stages of FaceNN."""
 
     def __init__(
         self,

@@ -343,17 +343,12 @@ def epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
     pending: dict[str, float] = {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
-            values = {
-                name: float(value) for name, value in row.items()
-                if name not in ("epoch", "step") and value and not name.endswith("_step")
-            }
-            if not row.get("epoch"):
-                pending.update(values)
-                continue
-            epoch = int(float(row["epoch"]))
-            for name, value in {**pending, **values}.items():
-                series.setdefault(name, {})[epoch] = value
-            pending = {}
+            pending.update({name: float(value) for name, value in row.items()
+                            if name not in ("epoch", "step") and value and not name.endswith("_step")})
+            if row.get("epoch"):
+                for name, value in pending.items():
+                    series.setdefault(name, {})[int(float(row["epoch"]))] = value
+                pending = {}
     return {name: sorted(values.items()) for name, values in series.items()}
 
 
@@ -372,8 +367,7 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             if name in series:
-                epochs, values = zip(*series[name])
-                ax.plot(epochs, values, marker="o", markersize=3, label=name)
+                ax.plot(*zip(*series[name]), marker="o", markersize=3, label=name)
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         if ax.lines:
