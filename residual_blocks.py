@@ -102,7 +102,6 @@ class ConvNeXtBlock(nn.Module):
         return act_project(x)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual branch alone; `forward` adds the input to it."""
         if self.norm_position == "before_dwconv":
             x = self.norm(x)
         x = self.dwconv(x)
