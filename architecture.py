@@ -1,7 +1,6 @@
 """FaceNN: stem -> four stages of ConvNeXt blocks joined by inverted bottlenecks -> pooled MLP head.
 
-The defaults are the seed's network (19,575,801 parameters for 7001 identities). Run
-`python architecture.py` for a summary of the parts and their output shapes.
+The defaults are the seed's network; `python architecture.py` prints its parts' parameters and shapes.
 """
 
 import argparse

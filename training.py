@@ -299,7 +299,7 @@ class FaceClassifier(L.LightningModule):
 
     def classes_layer(self) -> str:
         """The state-dict prefix of the layer with one output per identity: the margin head, or the
-        classifier's last Linear (after the head's hidden layer, where it has one)."""
+        network's last Linear (the classifier's, after the head's hidden layer where it has one)."""
         if self.margin_head is not None:
             return "margin_head."
         return [name for name, module in self.named_modules() if isinstance(module, nn.Linear)][-1] + "."
