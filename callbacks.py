@@ -42,13 +42,10 @@ class ThroughputMonitor(L.Callback):
     each step while the GPU works on the one before (Lightning's own ThroughputMonitor synchronises
     at every step)."""
 
-    def __init__(self, window_size: int = 4):
-        self.window_size = window_size
-
     @rank_zero_only
     def on_train_start(self, trainer, pl_module):
         peak = get_available_flops(trainer.strategy.root_device, COMPUTE_DTYPES.get(trainer.precision, torch.float32))
-        self.rolling = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window_size)
+        self.rolling = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=4)
         self.trained = 0.0  # seconds of training in the epochs before this one: the rolling clock
         self.batches = self.images = 0
         self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts in one
