@@ -1,7 +1,6 @@
 """FaceNN: stem -> four stages of ConvNeXt blocks joined by inverted bottlenecks -> pooled MLP head.
 
-The defaults are the seed's network (19,575,801 parameters for 7001 identities). Run
-`python architecture.py` for a summary of the parts and their output shapes.
+The defaults are the seed's network; `python architecture.py` prints its parts' parameters and shapes.
 """
 
 import argparse
@@ -52,12 +51,11 @@ class Body(nn.Module):
         blocks = sum(depths)
         rates = [drop_path * i / max(blocks - 1, 1) for i in range(blocks)]
         layers = []
-        for stage, (width, depth) in enumerate(zip(widths, depths)):
-            for _ in range(depth):
-                layers.append(ConvNeXtBlock(width, drop_path=rates.pop(0), **block_options))
+        for width, depth, next_width in zip(widths, depths, [*widths[1:], None]):
+            layers += [ConvNeXtBlock(width, drop_path=rates.pop(0), **block_options) for _ in range(depth)]
             layers.append(nn.BatchNorm2d(width))
-            if stage + 1 < len(widths):
-                layers.append(InvertedBottleneck(width, widths[stage + 1], stride=2))
+            if next_width:
+                layers.append(InvertedBottleneck(width, next_width, stride=2))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,10 +128,7 @@ def convnext_baseline(num_classes: int = NUM_CLASSES, widths=WIDTHS, depths=DEPT
     """torchvision's ConvNeXt at FaceNN's widths and depths: the design the seed measured itself
     against ("slightly better than the base ConvNeXt"). `drop_path` is its stochastic depth,
     linear over the blocks as in FaceNN."""
-    stages = [
-        CNBlockConfig(width, widths[i + 1] if i + 1 < len(widths) else None, depth)
-        for i, (width, depth) in enumerate(zip(widths, depths))
-    ]
+    stages = [CNBlockConfig(width, out, depth) for width, out, depth in zip(widths, [*widths[1:], None], depths)]
     return ConvNeXtBaseline(stages, stochastic_depth_prob=drop_path, num_classes=num_classes)
 
 
@@ -166,11 +161,9 @@ def summary(model: FaceNN, image_size: int = 224) -> str:
     x = torch.zeros(1, 3, image_size, image_size)
     model.eval()
     with torch.no_grad():
-        for name, part in (("stem", model.stem), ("body", model.body)):
+        for name, part in (("stem", model.stem), ("body", model.body), ("head", model.head)):
             x = part(x)
             rows.append((name, f"{count_parameters(part):,}", "x".join(map(str, x.shape[1:]))))
-        x = model.head(x)
-        rows.append(("head", f"{count_parameters(model.head):,}", "x".join(map(str, x.shape[1:]))))
     rows.append(("total", f"{count_parameters(model):,}", ""))
     return "\n".join(f"{a:<8}{b:>14}  {c}" for a, b, c in rows)
 

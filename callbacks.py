@@ -33,7 +33,7 @@ class EpochSeed(L.Callback):
 
 
 class ThroughputMonitor(L.Callback):
-    """Images/s and FLOP/s (by the module's `flops_per_batch`) of training, summed over devices: per
+    """Images/s and FLOP/s (by the module's `flops_per_image`) of training, summed over devices: per
     epoch (train_img_per_s, train_flop_per_s, train_images; data loading included, validation not),
     and Lightning's rolling Throughput (train/..., such as train/device/mfu) at the steps the loggers
     write.
@@ -42,13 +42,10 @@ class ThroughputMonitor(L.Callback):
     each step while the GPU works on the one before (Lightning's own ThroughputMonitor synchronises
     at every step)."""
 
-    def __init__(self, window_size: int = 4):
-        self.window_size = window_size
-
     @rank_zero_only
     def on_train_start(self, trainer, pl_module):
         peak = get_available_flops(trainer.strategy.root_device, COMPUTE_DTYPES.get(trainer.precision, torch.float32))
-        self.rolling = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window_size)
+        self.rolling = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=4)
         self.trained = 0.0  # seconds of training in the epochs before this one: the rolling clock
         self.batches = self.images = 0
         self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts in one
@@ -61,7 +58,7 @@ class ThroughputMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.batches, self.images = self.batches + 1, self.images + len(batch[1])
         self.epoch_images += len(batch[1])
-        self.unclocked_flops += pl_module.flops_per_batch or 0
+        self.unclocked_flops += (pl_module.flops_per_image or 0) * len(batch[1])
         # global_step has counted this step: the loggers write when it is a multiple, as for the loss
         logging = trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
         last = batch_idx + 1 == trainer.num_training_batches
@@ -123,7 +120,6 @@ class ResumableCSVLogger(Logger):
             csv.DictWriter(f, fieldnames=self.columns).writerow(row)
 
     def read(self) -> tuple[list[str], list[dict]]:
-        """The file's header and rows."""
         if not self.path.is_file():
             return [], []
         with open(self.path, newline="") as f:

@@ -14,6 +14,7 @@ from torchvision.models.convnext import LayerNorm2d  # over the channels of NCHW
 from torchvision.ops import StochasticDepth
 
 NORM_POSITIONS = ("after_dwconv", "before_dwconv", "after_expand")
+NORMS = {"batch": nn.BatchNorm2d, "layer": partial(LayerNorm2d, eps=1e-6)}  # for NCHW tensors
 
 
 class _ReLU6InPlace(torch.autograd.Function):
@@ -40,15 +41,6 @@ class ReLU6InPlace(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ReLU6InPlace.apply(x)
-
-
-def norm_2d(kind: str, channels: int) -> nn.Module:
-    """The norm layer named by `kind` for an NCHW tensor of `channels` channels."""
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "layer":
-        return LayerNorm2d(channels, eps=1e-6)
-    raise ValueError(f"norm must be 'batch' or 'layer', got {kind!r}")
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -87,10 +79,12 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         if norm_position not in NORM_POSITIONS:
             raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be 'batch' or 'layer', got {norm!r}")
         hidden = expansion * channels
         self.norm_position = norm_position
         self.dwconv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
-        self.norm = norm_2d(norm, hidden if norm_position == "after_expand" else channels)
+        self.norm = NORMS[norm](hidden if norm_position == "after_expand" else channels)
         self.expand = nn.Linear(channels, hidden)
         self.act = nn.GELU()
         self.project = nn.Linear(hidden, channels)
@@ -108,7 +102,6 @@ class ConvNeXtBlock(nn.Module):
         return act_project(x)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual branch alone; `forward` adds the input to it."""
         if self.norm_position == "before_dwconv":
             x = self.norm(x)
         x = self.dwconv(x)
@@ -127,14 +120,10 @@ class ConvNeXtBlock(nn.Module):
 
 
 class InvertedBottleneck(nn.Module):
-    """MobileNetV2 block: 1x1 expand -> act -> BN -> depthwise kxk (stride) -> act -> BN -> 1x1
-    project -> BN.
-
-    The seed puts each BN after its activation; that order is kept. The residual is added only
-    when the shapes allow it (stride 1 and in == out); `residual=None` decides by itself, and
-    asking for one that cannot exist is an error. With stride 2 and out = 2 * in it downsamples
-    between the stages of FaceNN.
-    """
+    """MobileNetV2's block, with each BN after its activation as the seed has it. The residual is
+    added only when the shapes allow it (stride 1 and in == out); `residual=None` decides by itself,
+    and asking for one that cannot exist is an error. With stride 2 and out = 2 * in it downsamples
+    between the stages of FaceNN."""
 
     def __init__(
         self,

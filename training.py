@@ -156,14 +156,12 @@ class FaceClassifier(L.LightningModule):
             self.margin_head = MarginHead(embedding, num_classes, loss, self.hparams.margin, scale)
         # the one place that decides the memory layout, for training and inference alike
         self.model.to(memory_format=torch.channels_last)
-        # the batch mixing of training_step: MixUp, CutMix, or one of the two drawn per batch
         mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []
         mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else []
         self.mixup = (mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)) if mixes else None
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.flops_per_image: int | None = None  # counted at the first training batch, when its size is known
-        self.flops_per_batch: int | None = None  # what callbacks.ThroughputMonitor reads
         self.first_bad_loss: torch.Tensor | None = None  # step, epoch and value; see watch_loss
         # what predict_step returns: logits or embeddings, with or without the mirror image (predict.py sets them)
         self.predict_embeddings, self.predict_tta = False, False
@@ -181,11 +179,10 @@ class FaceClassifier(L.LightningModule):
         images, labels = batch
         if self.flops_per_image is None:
             self.flops_per_image = self.count_flops(images.shape[1:])
-        self.flops_per_batch = self.flops_per_image * len(labels)
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)  # soft targets
-        logits = self(images) if self.margin_head is None else self(images, labels)
+        logits = self(images, labels)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         self.watch_loss(loss)
         # the step value is this device's own: syncing it would cost an all-reduce every step under
@@ -269,9 +266,7 @@ class FaceClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def configure_callbacks(self):
-        if self.hparams.ema_decay is None:
-            return []
-        return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
+        return [] if self.hparams.ema_decay is None else [EMAWeightAveraging(decay=self.hparams.ema_decay)]
 
     def init_from(self, source: "FaceClassifier") -> str:
         """Start from the weights of `source`, of the same network: all of them, but a head of another
@@ -304,13 +299,10 @@ class FaceClassifier(L.LightningModule):
 
     def classes_layer(self) -> str:
         """The state-dict prefix of the layer with one output per identity: the margin head, or the
-        classifier's last Linear (after the head's hidden layer, where it has one)."""
+        network's last Linear (the classifier's, after the head's hidden layer where it has one)."""
         if self.margin_head is not None:
             return "margin_head."
-        path = CLASSIFIERS[self.hparams.backbone]
-        classifier = self.model.get_submodule(path)
-        last = [name for name, module in classifier.named_modules() if isinstance(module, nn.Linear)][-1]
-        return ".".join(filter(None, ["model", path, last])) + "."
+        return [name for name, module in self.named_modules() if isinstance(module, nn.Linear)][-1] + "."
 
     def network_difference(self, source: "FaceClassifier") -> str | None:
         """The first architecture flag whose value in `source` gives other weights than here, in
@@ -319,12 +311,15 @@ class FaceClassifier(L.LightningModule):
         for model in (source, self):
             hp = model.hparams
             defaults = {name: p.default for name, p in inspect.signature(BACKBONES[hp.backbone]).parameters.items()}
-            settings.append({"backbone": hp.backbone, **defaults, **(hp.architecture or {})})
+            setting = {"backbone": hp.backbone, **defaults, **(hp.architecture or {})}
+            # each value as its flag takes it: 8,16,24,32 for a list
+            settings.append({name: ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+                             for name, value in setting.items()})
         ignored = {"num_classes", "drop_path", "recompute_gelu"}
         if source.margin_head is not None or self.margin_head is not None:
             ignored.add("head_layers")
         for name in [name for name in settings[0] if name not in ignored]:  # the backbone first
-            theirs, ours = (flag_value(setting.get(name)) for setting in settings)
+            theirs, ours = (setting.get(name) for setting in settings)
             if theirs != ours:
                 option = "--" + name.replace("_", "-")
                 return f"it has {option} {theirs}, this run {ours} (pass {option} {theirs})"
@@ -338,11 +333,6 @@ class FaceClassifier(L.LightningModule):
         self.class_names = checkpoint["class_names"]
 
 
-def flag_value(value) -> str:
-    """A setting as its command-line flag takes it: 8,16,24,32 for a list."""
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
 def epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
     """Per-epoch series from a run's metrics.csv (callbacks.ResumableCSVLogger's):
     {metric: [(epoch, value), ...]}.
@@ -353,26 +343,18 @@ def epoch_metrics(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
     pending: dict[str, float] = {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
-            values = {
-                name: float(value) for name, value in row.items()
-                if name not in ("epoch", "step") and value and not name.endswith("_step")
-            }
-            if not row.get("epoch"):
-                pending.update(values)
-                continue
-            epoch = int(float(row["epoch"]))
-            for name, value in {**pending, **values}.items():
-                series.setdefault(name, {})[epoch] = value
-            pending = {}
+            pending.update({name: float(value) for name, value in row.items()
+                            if name not in ("epoch", "step") and value and not name.endswith("_step")})
+            if row.get("epoch"):
+                for name, value in pending.items():
+                    series.setdefault(name, {})[int(float(row["epoch"]))] = value
+                pending = {}
     return {name: sorted(values.items()) for name, values in series.items()}
 
 
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     """Loss, accuracy and learning rate against epoch, side by side, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend or global figure to set up and close
 
     series = epoch_metrics(metrics_csv)
     panels = [
@@ -380,17 +362,15 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
         ("accuracy", ["val_acc", "val_top5"]),
         ("learning rate", [name for name in series if name.startswith("lr")]),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             if name in series:
-                epochs, values = zip(*series[name])
-                ax.plot(epochs, values, marker="o", markersize=3, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
+                ax.plot(*zip(*series[name]), marker="o", markersize=3, label=name)
+        ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)
