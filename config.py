@@ -14,7 +14,7 @@ import yaml
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS
 from cli import ArgumentParser, UserError, at_least, atomic_write, finite_float, overlaps, pick_device
 from data import AUTO_AUGMENT, KAGGLE_MEAN, KAGGLE_STD
-from residual_blocks import NORM_POSITIONS
+from residual_blocks import NORM_POSITIONS, NORMS
 from training import BACKBONES, MARGINS, FaceClassifier
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
@@ -87,7 +87,7 @@ class Architecture:
     drop_path: float = flag(0.0, "stochastic depth: the last block's chance of skipping its branch, linear from 0 over "
                             "the blocks", type=at_least(0.0, float, below=1), metavar="RATE")
     norm: str = flag("batch", "the ConvNeXt blocks' norm: BatchNorm (the original's) or ConvNeXt's channel LayerNorm",
-                     choices=("batch", "layer"))
+                     choices=tuple(NORMS))
     norm_position: str = flag("after_dwconv", "where the blocks' norm sits: after the depthwise conv (the original's "
                               "and ConvNeXt's), before it, or after the 1x1 expansion", choices=NORM_POSITIONS)
     layer_scale: float | None = flag(None, "ConvNeXt's layer scale: each block's branch times a learned per-channel "

@@ -412,12 +412,10 @@ def fold_accuracy(scores, same, folds) -> tuple[float, float, list[float]]:
 
 def plot_roc(metrics: dict, out_png: Path) -> None:
     """The ROC curve of verification_metrics, against chance, with its equal error rate marked."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no backend or global figure to set up and close
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     ax.plot(metrics["fpr"], metrics["tpr"], label=f"ROC, AUC {metrics['auc']:.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
     ax.plot(metrics["eer"], 1 - metrics["eer"], "o", label=f"EER {metrics['eer']:.3f}")
@@ -427,7 +425,6 @@ def plot_roc(metrics: dict, out_png: Path) -> None:
     fig.tight_layout()
     with atomic_write(out_png, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
 
 
 def verify(checkpoint, pairs, images, out=None, roc=None, lfw=False, tta=False, batch_size=256,
