@@ -1,20 +1,25 @@
 """What the commands share: a user's mistake is one line on stderr and exit status 2, never a
-traceback; a traceback is left for bugs. The device to run on, exclusive use of an output folder,
-outputs that never replace inputs, and CPU memory that is freed staying ready for reuse.
+traceback; a traceback is left for bugs. Progress on stderr, the device to run on, exclusive use of an output
+folder, outputs that never replace inputs nor lie half written, and freed CPU memory staying ready for reuse.
 
 Light to import (the standard library; torch only inside the functions that need it), so that
 every other module can build on it."""
 
 import argparse
+import csv
 import ctypes
 import fcntl
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+NO_MATCH = "n000000"  # the verification task's label for an unknown face matching no known identity
 
 
 class UserError(Exception):
@@ -47,6 +52,11 @@ def at_least(minimum, kind=int, below=math.inf):
 
 
 finite_float = at_least(-math.inf, float)  # any float but NaN and infinity
+
+
+def log(message: str) -> None:
+    """Progress, on stderr: stdout holds a command's results."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def keep_freed_memory() -> bool:
@@ -110,6 +120,26 @@ def atomic_write(path: Path, mode: str = "w"):
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_csv(path: Path, rows) -> None:
+    with atomic_write(path) as f:
+        csv.writer(f).writerows(rows)
+
+
+@contextmanager
+def atomic_folder(path: Path):
+    """A hidden folder beside `path`, renamed to it once the block has filled it: an interrupted
+    write leaves nothing behind. The rename replaces an empty folder, never a non-empty one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        partial.chmod(0o755)  # mkdtemp's folder is the owner's alone
+        yield partial
+        partial.rename(path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # removes links, never what they point to
+        raise
 
 
 @contextmanager

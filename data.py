@@ -9,14 +9,12 @@ Layout (Kaggle 11-785-f23-hw2p2-classification, and what synthetic_faces.py writ
 SRC DIR` lays out a folder of identity folders (SRC/<person>/*.jpg) as above, with DIR/test_labels.csv.
 """
 
-import csv
 import functools
 import io
 import math
 import os
 import random
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -32,11 +30,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, at_least
+from cli import ArgumentParser, UserError, at_least, atomic_folder, run, write_csv
 
 KAGGLE_MEAN = (0.5103, 0.4014, 0.3509)
 KAGGLE_STD = (0.2708, 0.2363, 0.2226)
-NO_MATCH = "n000000"  # the sibling verification task's label for an unknown face matching no known identity
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 # What load_image raises for a file it cannot decode: OSError covers a missing file, PIL's
 # UnidentifiedImageError (not an image, zero bytes) and truncated data; PIL's plugins raise
@@ -747,12 +744,9 @@ def split_identities(src, out, min_images: int = 3, cap: int | None = None, dev:
 def write_split(splits: dict, test_names: dict[Path, str], out: Path, link: bool) -> None:
     """out/train/<identity>/, out/dev/<identity>/, a flat out/test/ and out/test_labels.csv (id,label,
     as synthetic_faces.py writes it), copies or with link=True symlinks, written into a hidden sibling
-    and renamed into place: an interrupted split leaves nothing behind."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        partial.chmod(0o755)  # mkdtemp's folder is the owner's alone
-        place = (lambda source, target: target.symlink_to(source.resolve())) if link else shutil.copyfile
+    and renamed into place (atomic_folder): an interrupted split leaves nothing behind."""
+    place = (lambda source, target: target.symlink_to(source.resolve())) if link else shutil.copyfile
+    with atomic_folder(out) as partial:
         for identity in tqdm(splits["train"], desc=f"writing {out}", unit="identity", disable=None):
             for split in SPLITS:
                 for path in splits[split].get(identity, []):
@@ -761,12 +755,7 @@ def write_split(splits: dict, test_names: dict[Path, str], out: Path, link: bool
                     place(path, target)
         if test_names:
             rows = sorted((name, path.parent.name) for path, name in test_names.items())
-            with open(partial / "test_labels.csv", "w", newline="") as f:
-                csv.writer(f).writerows([("id", "label"), *rows])
-        partial.rename(out)  # replaces an empty folder, never a non-empty one
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # removes links, never what they point to
-        raise
+            write_csv(partial / "test_labels.csv", [("id", "label"), *rows])
 
 
 def parse_args(argv=None):
@@ -821,6 +810,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from cli import run
-
     run(main)

@@ -41,9 +41,10 @@ from torchmetrics.functional.classification import (binary_auroc, binary_roc, bi
                                                     multiclass_accuracy)
 
 from checkpoints import load_model, read_checkpoint
-from cli import ArgumentParser, at_least, atomic_write, check_outputs, finite_float, keep_freed_memory, run
-from data import (DEFAULT_WORKERS, NO_MATCH, DataError, FaceFolder, TestImages, collate_same_size, eval_transform,
-                  find_images, identity_folders)
+from cli import (NO_MATCH, ArgumentParser, at_least, atomic_write, check_outputs, finite_float, keep_freed_memory, run,
+                 write_csv)
+from data import (DEFAULT_WORKERS, DataError, FaceFolder, TestImages, collate_same_size, eval_transform, find_images,
+                  identity_folders)
 from training import FaceClassifier
 
 FALSE_ACCEPT_RATES = (1e-3, 1e-2)  # where face verification papers quote the true accept rate
@@ -158,11 +159,6 @@ def check_text(names, out: Path, lines: bool = False) -> None:
             raise DataError(f"{name!r}: not a valid UTF-8 name, so {out} cannot hold it (rename it)") from None
         if lines and ("\n" in name or "\r" in name):
             raise DataError(f"{name!r}: has a line break, so {out} (one name a line) cannot hold it (rename it)")
-
-
-def write_csv(path: Path, rows) -> None:
-    with atomic_write(path) as f:
-        csv.writer(f).writerows(rows)
 
 
 def read_csv(path, columns: tuple) -> tuple[list[str], list[list[str]]]:

@@ -21,13 +21,10 @@ mislabelled.csv (path,label: train images filed under a wrong identity, with the
     verification/verification_pairs.csv     img1,img2,same: --pairs pairs of known/ images
 """
 
-import csv
 import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from argparse import SUPPRESS
 from collections import namedtuple
@@ -40,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, run
+from cli import NO_MATCH, ArgumentParser, UserError, atomic_folder, run, write_csv
 
 MARKER = ".synthetic_faces.json"
 FORMAT_VERSION = 2  # bump whenever the drawing changes, so that old sets are not taken for new ones
@@ -55,9 +52,6 @@ EYE_COLOURS = [(60, 40, 25), (40, 90, 150), (70, 120, 60), (110, 110, 110)]
 def identity_name(identity):
     """Zero-padded so that sorted order, and thus ImageFolder's class index, is numeric order."""
     return f"n{identity + 1:06d}"
-
-
-NO_MATCH = identity_name(-1)  # "n000000", a name no identity gets: the verification task's "not known"
 
 
 def absent_identities(known: int) -> int:
@@ -404,7 +398,6 @@ def verification_plan(seed, identities, known_per_identity, verification_identit
 
 def write_set(root: Path, arguments: dict, workers: int) -> dict:
     """Draw every image and write the csv files and the marker into root; return the counts."""
-    root.chmod(0o755)
     jobs, tables = plan(root, **arguments)
     for path in {Path(job[0]).parent for job in jobs}:
         path.mkdir(parents=True, exist_ok=True)
@@ -413,8 +406,7 @@ def write_set(root: Path, arguments: dict, workers: int) -> dict:
         for _ in tqdm(done, total=len(jobs), desc="drawing faces", unit="img", disable=None):
             pass
     for name, rows in tables.items():
-        with open(root / name, "w", newline="") as f:
-            csv.writer(f).writerows(rows)
+        write_csv(root / name, rows)
     splits = [job[2] for job in jobs]
     counts = {split: splits.count(split) for split in SPLIT_STREAMS}
     counts.update(pairs=arguments["pairs"], mislabelled=len(tables["mislabelled.csv"]) - 1)
@@ -442,23 +434,14 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
     if out_dir.exists() and any(out_dir.iterdir()):
         return existing_set(out_dir, arguments)
 
-    # draw into a hidden sibling and rename it at the end: an interrupted run leaves no half set behind
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        counts = write_set(tmp, arguments, workers)
-        try:
-            tmp.rename(out_dir)  # replaces an empty directory
-        except OSError:
-            if not (out_dir / MARKER).is_file():
-                raise
-            # another process (a rank of a multi-process launch) finished the same set first
-            counts = existing_set(out_dir, arguments)
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return counts
+    try:  # an interrupted run leaves no half set behind
+        with atomic_folder(out_dir) as tmp:
+            return write_set(tmp, arguments, workers)
+    except OSError:
+        if not (out_dir / MARKER).is_file():
+            raise
+        # another process (a rank of a multi-process launch) finished the same set first
+        return existing_set(out_dir, arguments)
 
 
 def existing_set(out_dir: Path, arguments: dict) -> dict:

@@ -14,7 +14,6 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from architecture import NUM_CLASSES, FaceNN, convnext_baseline, train_flops
-from cli import keep_freed_memory
+from cli import keep_freed_memory, log
 from data import KAGGLE_MEAN, KAGGLE_STD, BatchAugment, decode_batch, load_image, read_encoded, train_transform
 from tools.memory import estimated_training_memory
 from residual_blocks import ConvNeXtBlock
@@ -39,10 +38,6 @@ PART_LAYOUTS = {"FaceNN": "channels_last", "ConvNeXt": REFERENCE[1]}  # each mod
 TARGET_SPEED, TARGET_FLOPS = 1.17, 1.10  # FaceNN's fastest setting against the reference
 GPU_MEMORY, TARGET_HEADROOM = 16e9, 0.25  # the seed's GPU, and what a batch of 256 should leave free
 MEMORY_VARIANTS = {"defaults": {}, "--recompute-gelu": dict(recompute_gelu=True)}  # FaceNN's arguments
-
-
-def log(message: str):
-    print(message, file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import config
-from cli import ArgumentParser, atomic_write
+from cli import ArgumentParser, atomic_write, log
 from training import epoch_metrics
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: where every step runs
@@ -125,10 +125,6 @@ class Check:
     def write(self) -> None:
         with atomic_write(self.report) as f:
             f.write(self.markdown())
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def slug(name: str) -> str:
