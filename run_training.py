@@ -203,20 +203,12 @@ def train(cfg: Config) -> Outcome | None:
     """The run `cfg` describes: its Outcome, or None where a resumed run had nothing left to train."""
     keep_freed_memory()
     if cfg.run.demo:
-        generate_demo_data(cfg.data.data_dir, cfg.data.seed)
+        synthetic_faces.generate(cfg.data.data_dir, **DEMO_DATA, seed=cfg.data.seed)
     if not cfg.data.data_dir.is_dir() and not cfg.run.resume:  # a resumed run finds its data in the checkpoint
         raise DataError(f"no data directory at {cfg.data.data_dir}: {KAGGLE_HELP}")
     writes_out = rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0  # not DDP's other ranks
     with folder_lock(cfg.run.out, "run_training.py") if writes_out else nullcontext():
         return fit_run(cfg)
-
-
-def generate_demo_data(data_dir: Path, seed: int) -> None:
-    """The demo's synthetic faces, into data_dir; a folder that holds something else is a DataError."""
-    try:
-        synthetic_faces.generate(data_dir, **DEMO_DATA, seed=seed)
-    except ValueError as error:  # the user's files stay
-        raise DataError(str(error)) from error
 
 
 def fit_run(cfg: Config) -> Outcome | None:

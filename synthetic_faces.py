@@ -322,15 +322,15 @@ def check_arguments(identities, train_per_identity, dev_per_identity, test_per_i
                         ("test_per_identity", 0), ("seed", 0), ("verification_identities", 0), ("pairs", 0)]:
         if given[name] < least:
             rule = f"be at least {least}" if least else "not be negative"
-            raise ValueError(f"{name} must {rule}, got {given[name]}")
+            raise UserError(f"{name} must {rule}, got {given[name]}")
     if not 0 <= mislabel_rate < 1:
-        raise ValueError(f"mislabel_rate must be in [0, 1), got {mislabel_rate}")
+        raise UserError(f"mislabel_rate must be in [0, 1), got {mislabel_rate}")
     if pairs and verification_identities < 2:
-        raise ValueError("pairs need verification_identities of at least 2, to form different pairs")
+        raise UserError("pairs need verification_identities of at least 2, to form different pairs")
     if pairs and test_per_identity < 2:
-        raise ValueError("pairs need test_per_identity (the known images of each identity) of at least 2")
+        raise UserError("pairs need test_per_identity (the known images of each identity) of at least 2")
     if verification_identities and (test_per_identity < 1 or unknown_per_identity < 1):
-        raise ValueError("verification identities need test_per_identity and unknown_per_identity of at least 1")
+        raise UserError("verification identities need test_per_identity and unknown_per_identity of at least 1")
 
 
 def images(seed, split, identities, per_identity):
@@ -418,7 +418,7 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
              image_size=112, seed=0, mislabel_rate=0.0, verification_identities=0, pairs=0, unknown_per_identity=1,
              workers=None):
     """Write the data set to out_dir and return its counts; if out_dir already holds the same set,
-    return at once. Raises ValueError for bad arguments or an out_dir holding anything else."""
+    return at once. Raises UserError for bad arguments or an out_dir holding anything else."""
     arguments = dict(identities=int(identities), train_per_identity=int(train_per_identity),
                      dev_per_identity=int(dev_per_identity), test_per_identity=int(test_per_identity),
                      image_size=int(image_size), seed=int(seed), mislabel_rate=float(mislabel_rate),
@@ -426,11 +426,11 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
                      unknown_per_identity=int(unknown_per_identity))
     check_arguments(**arguments)
     if workers is not None and workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise UserError(f"workers must be at least 1, got {workers}")
     workers = workers or os.cpu_count() or 1
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir} is a file, not a directory")
+        raise UserError(f"{out_dir} is a file, not a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         return existing_set(out_dir, arguments)
 
@@ -447,12 +447,15 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
 def existing_set(out_dir: Path, arguments: dict) -> dict:
     """The counts of the set already in out_dir, if it was made with these arguments."""
     if not (out_dir / MARKER).is_file():
-        raise ValueError(f"{out_dir} is not empty and holds no synthetic face set; choose another directory")
-    stored = json.loads((out_dir / MARKER).read_text())
+        raise UserError(f"{out_dir} is not empty and holds no synthetic face set; choose another directory")
+    try:
+        stored = json.loads((out_dir / MARKER).read_text())
+    except ValueError as error:  # not text, or not JSON
+        raise UserError(error) from error
     if stored["version"] != FORMAT_VERSION or stored["arguments"] != arguments:
         differ = [f"{k}={v} (wanted {arguments[k]})" for k, v in stored["arguments"].items()
                   if arguments.get(k) != v]
-        raise ValueError(f"{out_dir} holds a synthetic face set made with other arguments "
+        raise UserError(f"{out_dir} holds a synthetic face set made with other arguments "
                          f"({', '.join(differ) or 'older version'}); choose another directory or delete it")
     return stored["counts"]
 
@@ -479,10 +482,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        counts = generate(**vars(args))
-    except ValueError as error:
-        raise UserError(error) from error
+    counts = generate(**vars(args))
     summary = ", ".join(f"{v} {k}" for k, v in counts.items())
     print(f"{args.out_dir}: {summary} ({time.perf_counter() - start:.1f}s)")
 

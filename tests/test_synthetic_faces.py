@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import synthetic_faces as sf
+from cli import UserError
 
 SMALL = dict(identities=4, train_per_identity=5, dev_per_identity=2, test_per_identity=3, image_size=32,
              verification_identities=3, pairs=8, unknown_per_identity=2, workers=1)
@@ -101,12 +102,12 @@ def test_reuses_an_identical_set_and_refuses_anything_else(small, tmp_path, monk
     monkeypatch.setattr(sf, "plan", lambda *args, **kwargs: pytest.fail("drew the set again"))
     assert sf.generate(out, **SMALL) == counts
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="other arguments"):
+    with pytest.raises(UserError, match="other arguments"):
         sf.generate(out, **{**SMALL, "seed": 7})
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(UserError, match="not empty"):
         sf.generate(mine, **SMALL)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
     (tmp_path / "empty").mkdir()

@@ -21,6 +21,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 import run_training
+import synthetic_faces
 from cli import ArgumentParser, at_least, run
 from config import as_flags
 from training import epoch_metrics
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, default=Path("checkpoint/recipes"), help="each run's checkpoints and logs")
     p.add_argument("--results", type=Path, default=Path("docs"), help="where the table and the plot go")
     args = p.parse_args(argv)
-    run_training.generate_demo_data(args.data_dir, seed=0)  # one data set for every run
+    synthetic_faces.generate(args.data_dir, **run_training.DEMO_DATA, seed=0)  # one data set for every run
     args.results.mkdir(parents=True, exist_ok=True)
     rows = []
     # row by row: a stopped comparison keeps its runs
