@@ -434,7 +434,7 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
     if out_dir.exists() and any(out_dir.iterdir()):
         return existing_set(out_dir, arguments)
 
-    try:  # an interrupted run leaves no half set behind
+    try:
         with atomic_folder(out_dir) as tmp:
             return write_set(tmp, arguments, workers)
     except OSError:
