@@ -11,7 +11,7 @@ from lightning.fabric.utilities.throughput import Throughput, get_available_flop
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from cli import atomic_write
+from cli import write_csv
 from data import seed_of
 
 # the dtype the GPU computes in under each precision, for its peak FLOP/s (float32 otherwise)
@@ -111,10 +111,7 @@ class ResumableCSVLogger(Logger):
             self.columns = self.read()[0]
         if new := row.keys() - set(self.columns):  # the file again, under the new header
             columns, rows = sorted([*self.columns, *new]), self.read()[1]
-            with atomic_write(self.path) as f:
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(self.path, [columns, *([earlier.get(name) for name in columns] for earlier in rows)])
             self.columns = columns
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.columns).writerow(row)

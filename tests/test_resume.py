@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -219,7 +220,7 @@ def test_a_new_column_that_fails_to_write_keeps_the_log(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(csv.DictWriter, "writerows", full_disk)
+        patch.setattr(csv, "writer", lambda f: SimpleNamespace(writerows=full_disk))
         with pytest.raises(OSError):  # a new column: the file is rewritten
             ResumableCSVLogger(tmp_path).log_metrics({"val_acc": 0.5, "train_loss": 1.0}, step=15)
     assert log.read_bytes() == earlier and sorted(path.name for path in tmp_path.iterdir()) == ["metrics.csv"]
