@@ -290,8 +290,7 @@ def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, 
     checkpoint's class mapping; the split's identities must all be known to the checkpoint."""
     model = load_model(checkpoint, device)
     data_dir = Path(data_dir)
-    unknown = sorted(set(identity_folders(data_dir)) - set(model.class_names))
-    if unknown:
+    if unknown := sorted(set(identity_folders(data_dir)) - set(model.class_names)):
         raise DataError(f"{data_dir / unknown[0]}: identity unknown to {checkpoint} "
                         f"({len(unknown)} such; expected identities it was trained on)")
     images = FaceFolder(data_dir, model.class_names, model_transform(model))
@@ -312,10 +311,8 @@ def score_submission(submission, labels, checkpoint=None, label_names=False, ope
     said NO_MATCH of the unknown faces and of the known ones."""
     truth, predicted = read_submission(submission, labels)
     names = read_checkpoint(checkpoint)["class_names"] if checkpoint else None
-    if names:
-        unknown = sorted(set(truth.values()) - set(names))
-        if unknown:
-            raise DataError(f"{labels}: identity {unknown[0]} unknown to {checkpoint} ({len(unknown)} such)")
+    if names and (unknown := sorted(set(truth.values()) - set(names))):
+        raise DataError(f"{labels}: identity {unknown[0]} unknown to {checkpoint} ({len(unknown)} such)")
     if not (label_names or open_set):
         if names is None:
             raise DataError(f"{submission}: its labels are class indices, as submit writes them: pass --checkpoint "
