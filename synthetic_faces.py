@@ -369,8 +369,7 @@ def plan(root, seed, identities, train_per_identity, dev_per_identity, test_per_
     if verification_identities:
         jobs += verification_plan(seed, identities, test_per_identity, verification_identities, pairs,
                                   unknown_per_identity, tables)
-    jobs = [(str(root / path), seed, split, identity, k, image_size) for path, split, identity, k in jobs]
-    return jobs, tables
+    return [(str(root / path), seed, split, identity, k, image_size) for path, split, identity, k in jobs], tables
 
 
 def verification_plan(seed, identities, known_per_identity, verification_identities, pairs, unknown_per_identity,
@@ -415,8 +414,7 @@ def write_set(root: Path, arguments: dict, workers: int) -> dict:
     for name, rows in tables.items():
         with open(root / name, "w", newline="") as f:
             csv.writer(f).writerows(rows)
-    splits = [job[2] for job in jobs]
-    counts = {split: splits.count(split) for split in SPLIT_STREAMS}
+    counts = {split: sum(job[2] == split for job in jobs) for split in SPLIT_STREAMS}
     counts.update(pairs=arguments["pairs"], mislabelled=len(tables["mislabelled.csv"]) - 1)
     (root / MARKER).write_text(json.dumps(dict(version=FORMAT_VERSION, arguments=arguments, counts=counts), indent=1))
     return counts
