@@ -18,9 +18,7 @@ from residual_blocks import NORM_POSITIONS, NORMS
 from training import BACKBONES, MARGINS, FaceClassifier
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
-# Named sets of defaults, under the flags typed: --preset small is the recipe found by measurement on
-# real photos, LFW's 158 people with >= 10 images, from scratch on the CPU (docs/realfaces.md); the
-# defaults stay the original's recipe, for the Kaggle run.
+# --preset's named sets of defaults (small: docs/realfaces.md); the defaults stay the original's, for the Kaggle run
 PRESETS = {
     "small": dict(image_size=64, crop=0.75, rotation=10, mixup_alpha=0.0, widths="32,64,128,256", depths="1,1,3,1",
                   epochs=45, batch_size=32),
