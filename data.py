@@ -759,9 +759,8 @@ def write_split(splits: dict, test_names: dict[Path, str], out: Path, link: bool
             with open(partial / "test_labels.csv", "w", newline="") as f:
                 csv.writer(f).writerows([("id", "label"), *rows])
         partial.rename(out)  # replaces an empty folder, never a non-empty one
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # removes links, never what they point to
-        raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing left there once renamed; removes links, not their targets
 
 
 def parse_args(argv=None):

@@ -295,8 +295,7 @@ def render(traits, rng, size):
     image = background(rng, size)
     face = Image.new("RGBA", (2 * size, 2 * size))
     draw_face(ImageDraw.Draw(face), traits, rng, 2 * size)
-    face = face.convert("RGBa").transform((size, size), Image.AFFINE, pose(rng, size), Image.BILINEAR)
-    face = face.convert("RGBA")
+    face = face.convert("RGBa").transform((size, size), Image.AFFINE, pose(rng, size), Image.BILINEAR).convert("RGBA")
     image.paste(face, (0, 0), face)
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0) * size / 64))
@@ -452,10 +451,8 @@ def generate(out_dir, identities=50, train_per_identity=40, dev_per_identity=10,
                 raise
             # another process (a rank of a multi-process launch) finished the same set first
             counts = existing_set(out_dir, arguments)
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left there once renamed
     return counts
 
 
