@@ -430,8 +430,7 @@ def verify(checkpoint, pairs, images, out=None, roc=None, lfw=False, tta=False, 
     images under `images` (read_pairs), or with lfw=True one of LFW's pairs files (read_lfw_pairs):
     written to `out` (img1,img2,score[,same]). With ground truth, also the ROC metrics and, with
     `roc`, the ROC curve as a PNG; for LFW the fold accuracy. Only the images the pairs name are
-    read, and all of them are checked before the model is loaded. tta averages each image's
-    embedding with its mirror image's."""
+    read, and all of them are checked before the model is loaded."""
     rows, same, folds = (read_lfw_pairs if lfw else read_pairs)(pairs)
     check_outputs({"--out": out, "--roc": roc},
                   {"--checkpoint": checkpoint, "--lfw-pairs" if lfw else "--pairs": pairs, "--images": images})
