@@ -241,10 +241,9 @@ def read_settings(path: Path) -> dict:
         raise ValueError(f"cannot read it ({reason})") from error
     if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
         raise ValueError(f"expected groups of settings ({', '.join(GROUPS)}), as run_training.py writes it")
-    for group, values in groups.items():
-        for name in values:
-            if GROUP_OF.get(name) != group or name in ACTIONS:
-                raise ValueError(f"unknown setting {group}.{name}")
+    if unknown := [f"{group}.{name}" for group, values in groups.items() for name in values
+                   if GROUP_OF.get(name) != group or name in ACTIONS]:
+        raise ValueError(f"unknown setting {unknown[0]}")
     return {name: value for group in groups.values() for name, value in group.items()}
 
 

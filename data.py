@@ -263,7 +263,6 @@ read_encoded = functools.partial(load_image, keep_jpeg=True)  # for decoding on 
 
 
 def decode_error(path: Path) -> Exception | None:
-    """What load_image raises for a file, None when it decodes whole."""
     try:
         load_image(path)
     except DECODE_ERRORS as error:
@@ -272,7 +271,6 @@ def decode_error(path: Path) -> Exception | None:
 
 
 def skip_once(skipped: set[str], path: str, error: Exception) -> None:
-    """Warns about an unreadable train image the first time it fails, and adds it to `skipped`."""
     if path not in skipped:
         skipped.add(path)
         warnings.warn(f"skipping unreadable image {path}: {error}")

@@ -251,11 +251,10 @@ def read_lfw_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]
 def read_submission(submission, labels) -> tuple[dict[str, str], dict[str, str]]:
     """(truth, predicted) id -> label, once the submission has a row for every id of the truth and no other."""
     truth, predicted = read_labels(labels), read_labels(submission)
-    missing, extra = sorted(truth.keys() - predicted.keys()), sorted(predicted.keys() - truth.keys())
-    if missing:
+    if missing := sorted(truth.keys() - predicted.keys()):
         raise DataError(f"{submission}: no row for {len(missing)} ids of {labels}, e.g. {missing[0]} "
                         "(expected one per image)")
-    if extra:
+    if extra := sorted(predicted.keys() - truth.keys()):
         raise DataError(f"{submission}: {len(extra)} ids not in {labels}, e.g. {extra[0]} (expected the same ids)")
     if not truth:
         raise DataError(f"{labels}: no rows (expected id,label for every test image)")
