@@ -18,9 +18,7 @@ from residual_blocks import NORM_POSITIONS, NORMS
 from training import BACKBONES, MARGINS, FaceClassifier
 
 RECIPE = {name: p.default for name, p in inspect.signature(FaceClassifier.__init__).parameters.items()}
-# Named sets of defaults, under the flags typed: --preset small is the recipe found by measurement on
-# real photos, LFW's 158 people with >= 10 images, from scratch on the CPU (docs/realfaces.md); the
-# defaults stay the original's recipe, for the Kaggle run.
+# --preset's named sets of defaults (small: docs/realfaces.md); the defaults stay the original's, for the Kaggle run
 PRESETS = {
     "small": dict(image_size=64, crop=0.75, rotation=10, mixup_alpha=0.0, widths="32,64,128,256", depths="1,1,3,1",
                   epochs=45, batch_size=32),
@@ -243,10 +241,9 @@ def read_settings(path: Path) -> dict:
         raise ValueError(f"cannot read it ({reason})") from error
     if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
         raise ValueError(f"expected groups of settings ({', '.join(GROUPS)}), as run_training.py writes it")
-    for group, values in groups.items():
-        for name in values:
-            if GROUP_OF.get(name) != group or name in ACTIONS:
-                raise ValueError(f"unknown setting {group}.{name}")
+    if unknown := [f"{group}.{name}" for group, values in groups.items() for name in values
+                   if GROUP_OF.get(name) != group or name in ACTIONS]:
+        raise ValueError(f"unknown setting {unknown[0]}")
     return {name: value for group in groups.values() for name, value in group.items()}
 
 

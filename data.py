@@ -250,14 +250,16 @@ def decode_image(data: bytes, keep_jpeg: bool = False) -> torch.Tensor:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
-def load_image(path) -> torch.Tensor:
+def load_image(path, keep_jpeg: bool = False) -> torch.Tensor:
     """The one image loader of every command: a file to a uint8 RGB CHW tensor (see decode_image).
     Failures raise one of DECODE_ERRORS, naming what is wrong but not the path."""
-    return decode_image(Path(path).read_bytes())
+    return decode_image(Path(path).read_bytes(), keep_jpeg)
+
+
+read_encoded = functools.partial(load_image, keep_jpeg=True)  # for decoding on the device
 
 
 def decode_error(path: Path) -> Exception | None:
-    """What load_image raises for a file, None when it decodes whole."""
     try:
         load_image(path)
     except DECODE_ERRORS as error:
@@ -266,7 +268,6 @@ def decode_error(path: Path) -> Exception | None:
 
 
 def skip_once(skipped: set[str], path: str, error: Exception) -> None:
-    """Warns about an unreadable train image the first time it fails, and adds it to `skipped`."""
     if path not in skipped:
         skipped.add(path)
         warnings.warn(f"skipping unreadable image {path}: {error}")
@@ -398,7 +399,6 @@ def find_images(root, names, source) -> list[Path]:
 
 
 def visible(folder: Path) -> list[Path]:
-    """The entries of a folder, hidden ones (a leading dot) left out."""
     return [folder / entry.name for entry in os.scandir(folder) if not entry.name.startswith(".")]
 
 
@@ -409,11 +409,6 @@ def collate_same_size(batch):
         raise DataError(f"images of different sizes in one batch {sizes}: resize them to one size, or train with "
                         "run_training.py --image-size N (its checkpoints then resize at inference too)")
     return default_collate(batch)
-
-
-def read_encoded(path) -> torch.Tensor:
-    """load_image for decoding on the device: a JPEG stays encoded (see decode_image's keep_jpeg)."""
-    return decode_image(Path(path).read_bytes(), keep_jpeg=True)
 
 
 class EncodedBatch(NamedTuple):
@@ -455,9 +450,8 @@ def decode_batch(images: list[torch.Tensor], paths: list[str], device: torch.dev
     if not kept:
         raise DataError(f"{paths[0]}: none of the {len(paths)} images of a batch can be read (expected JPEG/PNG)")
     batch = [decoded[i] for i in kept]
-    if geometry := _resize(image_size, crop):
-        transform = v2.Compose(geometry)
-        batch = [transform(image) for image in batch]
+    for step in _resize(image_size, crop):
+        batch = [step(image) for image in batch]
     return collate_same_size([(image, 0) for image in batch])[0], kept
 
 
@@ -665,8 +659,7 @@ def check_split_settings(min_images: int, cap: int | None, dev: float, test: flo
         raise UserError(f"--dev {dev} and --test {test} leave nothing for train (expected fractions summing under 1)")
     low = min(min_images, cap) if cap else min_images
     high = cap if cap else max(low, math.ceil(3 / (1 - dev - test)))
-    bad = [n for n in range(low, high + 1) if split_sizes(n, dev, test)[0] < 1]
-    if bad:
+    if bad := [n for n in range(low, high + 1) if split_sizes(n, dev, test)[0] < 1]:
         flags = "--min-images and --cap" if cap and bad[-1] >= cap else "--min-images"
         raise UserError(f"an identity of {bad[0]} images would get no train image with --dev {dev} --test {test} "
                         f"(each takes round(n * fraction), at least 1): use {flags} {bad[-1] + 1} or more, "

@@ -247,11 +247,10 @@ def read_lfw_pairs(path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]
 def read_submission(submission, labels) -> tuple[dict[str, str], dict[str, str]]:
     """(truth, predicted) id -> label, once the submission has a row for every id of the truth and no other."""
     truth, predicted = read_labels(labels), read_labels(submission)
-    missing, extra = sorted(truth.keys() - predicted.keys()), sorted(predicted.keys() - truth.keys())
-    if missing:
+    if missing := sorted(truth.keys() - predicted.keys()):
         raise DataError(f"{submission}: no row for {len(missing)} ids of {labels}, e.g. {missing[0]} "
                         "(expected one per image)")
-    if extra:
+    if extra := sorted(predicted.keys() - truth.keys()):
         raise DataError(f"{submission}: {len(extra)} ids not in {labels}, e.g. {extra[0]} (expected the same ids)")
     if not truth:
         raise DataError(f"{labels}: no rows (expected id,label for every test image)")
@@ -286,8 +285,7 @@ def evaluate(checkpoint, data_dir, batch_size=256, num_workers=DEFAULT_WORKERS, 
     checkpoint's class mapping; the split's identities must all be known to the checkpoint."""
     model = load_model(checkpoint, device)
     data_dir = Path(data_dir)
-    unknown = sorted(set(identity_folders(data_dir)) - set(model.class_names))
-    if unknown:
+    if unknown := sorted(set(identity_folders(data_dir)) - set(model.class_names)):
         raise DataError(f"{data_dir / unknown[0]}: identity unknown to {checkpoint} "
                         f"({len(unknown)} such; expected identities it was trained on)")
     images = FaceFolder(data_dir, model.class_names, model_transform(model))
@@ -308,10 +306,8 @@ def score_submission(submission, labels, checkpoint=None, label_names=False, ope
     said NO_MATCH of the unknown faces and of the known ones."""
     truth, predicted = read_submission(submission, labels)
     names = read_checkpoint(checkpoint)["class_names"] if checkpoint else None
-    if names:
-        unknown = sorted(set(truth.values()) - set(names))
-        if unknown:
-            raise DataError(f"{labels}: identity {unknown[0]} unknown to {checkpoint} ({len(unknown)} such)")
+    if names and (unknown := sorted(set(truth.values()) - set(names))):
+        raise DataError(f"{labels}: identity {unknown[0]} unknown to {checkpoint} ({len(unknown)} such)")
     if not (label_names or open_set):
         if names is None:
             raise DataError(f"{submission}: its labels are class indices, as submit writes them: pass --checkpoint "
@@ -429,8 +425,7 @@ def verify(checkpoint, pairs, images, out=None, roc=None, lfw=False, tta=False, 
     images under `images` (read_pairs), or with lfw=True one of LFW's pairs files (read_lfw_pairs):
     written to `out` (img1,img2,score[,same]). With ground truth, also the ROC metrics and, with
     `roc`, the ROC curve as a PNG; for LFW the fold accuracy. Only the images the pairs name are
-    read, and all of them are checked before the model is loaded. tta averages each image's
-    embedding with its mirror image's."""
+    read, and all of them are checked before the model is loaded."""
     rows, same, folds = (read_lfw_pairs if lfw else read_pairs)(pairs)
     check_outputs({"--out": out, "--roc": roc},
                   {"--checkpoint": checkpoint, "--lfw-pairs" if lfw else "--pairs": pairs, "--images": images})

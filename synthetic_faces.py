@@ -289,8 +289,7 @@ def render(traits, rng, size):
     image = background(rng, size)
     face = Image.new("RGBA", (2 * size, 2 * size))
     draw_face(ImageDraw.Draw(face), traits, rng, 2 * size)
-    face = face.convert("RGBa").transform((size, size), Image.AFFINE, pose(rng, size), Image.BILINEAR)
-    face = face.convert("RGBA")
+    face = face.convert("RGBa").transform((size, size), Image.AFFINE, pose(rng, size), Image.BILINEAR).convert("RGBA")
     image.paste(face, (0, 0), face)
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0) * size / 64))
@@ -363,8 +362,7 @@ def plan(root, seed, identities, train_per_identity, dev_per_identity, test_per_
     if verification_identities:
         jobs += verification_plan(seed, identities, test_per_identity, verification_identities, pairs,
                                   unknown_per_identity, tables)
-    jobs = [(str(root / path), seed, split, identity, k, image_size) for path, split, identity, k in jobs]
-    return jobs, tables
+    return [(str(root / path), seed, split, identity, k, image_size) for path, split, identity, k in jobs], tables
 
 
 def verification_plan(seed, identities, known_per_identity, verification_identities, pairs, unknown_per_identity,
@@ -407,8 +405,7 @@ def write_set(root: Path, arguments: dict, workers: int) -> dict:
             pass
     for name, rows in tables.items():
         write_csv(root / name, rows)
-    splits = [job[2] for job in jobs]
-    counts = {split: splits.count(split) for split in SPLIT_STREAMS}
+    counts = {split: sum(job[2] == split for job in jobs) for split in SPLIT_STREAMS}
     counts.update(pairs=arguments["pairs"], mislabelled=len(tables["mislabelled.csv"]) - 1)
     (root / MARKER).write_text(json.dumps(dict(version=FORMAT_VERSION, arguments=arguments, counts=counts), indent=1))
     return counts
