@@ -388,6 +388,7 @@ ERRORS = [
     (run_training, "--epochs 5 --warmup-epochs 5", "--warmup-epochs 5 must be less than --epochs 5"),
     (run_training, "--ema 1", "--ema: must be < 1"),
     (run_training, "--drop-path 1", "--drop-path: must be < 1"),
+    (run_training, "--drop-path x", "--drop-path: invalid float value: 'x'"),
     (run_training, "--loss arcface --mixup-alpha 0.2", "the margin needs one true class"),
     (run_training, "--loss arcface --cutmix-alpha 1", "CutMix mixes two classes"),
     (run_training, "--margin 0.3", "--margin is for --loss arcface or cosface"),
