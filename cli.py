@@ -54,6 +54,11 @@ def at_least(minimum, kind=int, below=math.inf):
 finite_float = at_least(-math.inf, float)  # any float but NaN and infinity
 
 
+def option(name: str) -> str:
+    """A setting's command-line flag: --name-with-dashes."""
+    return "--" + name.replace("_", "-")
+
+
 def log(message: str) -> None:
     """Progress, on stderr: stdout holds a command's results."""
     print(message, file=sys.stderr, flush=True)

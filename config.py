@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from architecture import DEPTHS, MIN_IMAGE_SIZE, WIDTHS
-from cli import ArgumentParser, UserError, at_least, atomic_write, finite_float, overlaps, pick_device
+from cli import ArgumentParser, UserError, at_least, atomic_write, finite_float, option, overlaps, pick_device
 from data import AUTO_AUGMENT, KAGGLE_MEAN, KAGGLE_STD
 from residual_blocks import NORM_POSITIONS, NORMS
 from training import BACKBONES, MARGINS, FaceClassifier
@@ -38,10 +38,6 @@ def int_list(text):
     if min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text}")
     return values
-
-
-def option(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def flag(default=None, help=None, **argparse_options):

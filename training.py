@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from architecture import NUM_CLASSES, WIDTHS, FaceNN, convnext_baseline, train_flops
+from cli import option
 from data import KAGGLE_MEAN, KAGGLE_STD
 
 
@@ -321,8 +322,7 @@ class FaceClassifier(L.LightningModule):
         for name in [name for name in settings[0] if name not in ignored]:  # the backbone first
             theirs, ours = (setting.get(name) for setting in settings)
             if theirs != ours:
-                option = "--" + name.replace("_", "-")
-                return f"it has {option} {theirs}, this run {ours} (pass {option} {theirs})"
+                return f"it has {option(name)} {theirs}, this run {ours} (pass {option(name)} {theirs})"
         return None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
