@@ -322,8 +322,8 @@ def score_submission(submission, labels, checkpoint=None, label_names=False, ope
     if open_set:
         unknown = {key for key, label in truth.items() if label == NO_MATCH}
         said_unknown = {key for key, label in predicted.items() if label == NO_MATCH}
-        result.update(unknown=len(unknown), known=len(truth) - len(unknown),
-                      unknown_said_unknown=len(unknown & said_unknown), known_said_unknown=len(said_unknown - unknown))
+        result.update(unknown=len(unknown), unknown_said_unknown=len(unknown & said_unknown),
+                      known_said_unknown=len(said_unknown - unknown))
     return result
 
 
@@ -590,8 +590,11 @@ def main(argv=None) -> int:
         print(f"{args.data_dir}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} on {result['images']} images")
     elif args.command == "evaluate":
         result = score_submission(args.submission, args.labels, args.checkpoint, args.label_names, args.open_set)
-        said = (f"; said {NO_MATCH} of {result['unknown_said_unknown']}/{result['unknown']} unknown faces and of "
-                f"{result['known_said_unknown']}/{result['known']} known ones") if args.open_set else ""
+        said = ""
+        if args.open_set:
+            known = result["rows"] - result["unknown"]
+            said = (f"; said {NO_MATCH} of {result['unknown_said_unknown']}/{result['unknown']} unknown faces and "
+                    f"of {result['known_said_unknown']}/{known} known ones")
         print(f"{args.submission}: {'open-set ' if args.open_set else ''}accuracy {result['accuracy']:.4f} "
               f"({result['correct']}/{result['rows']}){said}")
     elif args.command == "embed":
